@@ -1,0 +1,1 @@
+"""fusion-serve client: gRPC stubs, FusionClient / AsyncFusionClient and the `fusion` CLI front."""
