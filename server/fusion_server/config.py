@@ -1,0 +1,249 @@
+"""Ensemble configuration: one YAML file, one typed dataclass per concern.
+
+Every error is a ConfigError whose message starts with the field's path
+(`members[1].weight: ...`). No file means the built-in demo ensemble.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; `field` is its dotted path."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"{field_path}: {message}")
+        self.field = field_path
+
+
+# vLLM engine settings applied to every member unless the member overrides them.
+# CPU: size the KV cache explicitly (a CPU engine left unset claims a large share of
+# RAM and the next engine refuses to start); float32 keeps greedy decoding identical
+# to a float32 `transformers` reference.
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "kv_cache_memory_bytes": 512 * 1024**2,
+    "max_model_len": 2048,
+    "dtype": "float32",
+    "max_num_seqs": 128,
+}
+
+
+@dataclass
+class MemberConfig:
+    """One source model of the ensemble."""
+
+    name: str
+    """Unique member name (used in requests' fusion.weights)."""
+    model: str
+    """Hugging Face model directory (or id, where a hub is reachable)."""
+    weight: float = 1.0
+    """Default fusion weight (>= 0)."""
+    engine: dict[str, Any] = field(default_factory=dict)
+    """vLLM AsyncEngineArgs for this member, plus `cpu_threads` (VLLM_CPU_OMP_THREADS_BIND)."""
+
+    def check(self, path: str) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"{path}.name", "must be a non-empty string")
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"{path}.model", "must be a model directory or id")
+        if not _is_number(self.weight) or self.weight < 0:
+            raise ConfigError(f"{path}.weight", f"must be a number >= 0, got {self.weight!r}")
+        if not isinstance(self.engine, dict):
+            raise ConfigError(f"{path}.engine", "must be a mapping of vLLM engine settings")
+        known = _engine_arg_names()
+        for key in self.engine:
+            if known and key not in known and key != "cpu_threads":
+                raise ConfigError(f"{path}.engine.{key}", "unknown vLLM engine setting")
+        if self.engine.get("model") is not None:
+            raise ConfigError(f"{path}.engine.model", "set the model with members[].model")
+
+
+@dataclass
+class FusionConfig:
+    """How members' distributions are combined by default."""
+
+    policy: str = "mean"
+    """Default policy name (or module:Class)."""
+    top_k: int = 20
+    """Top candidates each member reports per step (1..128)."""
+    params: dict[str, float] = field(default_factory=dict)
+    """Default policy parameters."""
+
+    def check(self, path: str) -> None:
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ConfigError(f"{path}.policy", "must be a policy name")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 128:
+            raise ConfigError(
+                f"{path}.top_k", f"must be an integer in [1, 128], got {self.top_k!r}"
+            )
+        if not isinstance(self.params, dict):
+            raise ConfigError(f"{path}.params", "must be a mapping of name -> number")
+
+
+@dataclass
+class LimitsConfig:
+    """Request limits."""
+
+    max_tokens: int = 1024
+    """Largest max_tokens a request may ask for."""
+    default_max_tokens: int = 64
+    """max_tokens when a request leaves it at 0."""
+    max_prompt_chars: int = 100_000
+    """Longest prompt accepted, in characters."""
+    max_concurrent_requests: int = 256
+    """Requests generating at once; more get RESOURCE_EXHAUSTED."""
+
+    def check(self, path: str) -> None:
+        for name in (
+            "max_tokens",
+            "default_max_tokens",
+            "max_prompt_chars",
+            "max_concurrent_requests",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{path}.{name}", f"must be an integer >= 1, got {value!r}")
+        if self.default_max_tokens > self.max_tokens:
+            raise ConfigError(f"{path}.default_max_tokens", "must be <= limits.max_tokens")
+
+
+@dataclass
+class ServerConfig:
+    """Network settings."""
+
+    host: str = "0.0.0.0"
+    """Address to bind."""
+    port: int = 50051
+    """gRPC port (0 picks a free one)."""
+    metrics_port: int = 9400
+    """Prometheus /metrics HTTP port (0 picks a free one; -1 disables)."""
+    grace_seconds: float = 10.0
+    """How long in-flight requests may finish after SIGTERM."""
+
+    def check(self, path: str) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"{path}.port", f"must be in [0, 65535], got {self.port!r}")
+        if not isinstance(self.metrics_port, int) or not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"{path}.metrics_port", f"must be in [-1, 65535], got {self.metrics_port!r}"
+            )
+        if not _is_number(self.grace_seconds) or self.grace_seconds < 0:
+            raise ConfigError(f"{path}.grace_seconds", "must be a number >= 0")
+
+
+@dataclass
+class EnsembleConfig:
+    """The whole server configuration."""
+
+    members: list[MemberConfig]
+    """At least one member; names unique."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """Default fusion settings."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """Network settings."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Request limits."""
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ConfigError("members", "at least one member is required")
+        seen: set[str] = set()
+        for i, member in enumerate(self.members):
+            member.check(f"members[{i}]")
+            if member.name in seen:
+                raise ConfigError(f"members[{i}].name", f"duplicate member name {member.name!r}")
+            seen.add(member.name)
+        if sum(m.weight for m in self.members) <= 0:
+            raise ConfigError("members[].weight", "at least one member needs a weight > 0")
+        self.fusion.check("fusion")
+        self.server.check("server")
+        self.limits.check("limits")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EnsembleConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("(root)", "the config must be a mapping")
+        _reject_unknown(data, cls, "")
+        raw_members = data.get("members")
+        if not isinstance(raw_members, list):
+            raise ConfigError("members", "must be a list of members")
+        members = []
+        for i, raw in enumerate(raw_members):
+            if not isinstance(raw, dict):
+                raise ConfigError(f"members[{i}]", "must be a mapping")
+            _reject_unknown(raw, MemberConfig, f"members[{i}].")
+            for required in ("name", "model"):
+                if required not in raw:
+                    raise ConfigError(f"members[{i}].{required}", "is required")
+            members.append(MemberConfig(**raw))
+        sections = {}
+        for key, klass in (
+            ("fusion", FusionConfig),
+            ("server", ServerConfig),
+            ("limits", LimitsConfig),
+        ):
+            raw = data.get(key) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(key, "must be a mapping")
+            _reject_unknown(raw, klass, f"{key}.")
+            sections[key] = klass(**raw)
+        return cls(members=members, **sections)
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> EnsembleConfig:
+        import yaml
+
+        path = pathlib.Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("--config", f"no such file: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
+        config = cls.from_dict(data)
+        for member in config.members:  # relative model paths are relative to the file
+            model = pathlib.Path(member.model)
+            if not model.is_absolute() and (path.parent / model).exists():
+                member.model = str((path.parent / model).resolve())
+        return config
+
+    def with_engine_defaults(self, defaults: dict[str, Any]) -> EnsembleConfig:
+        """A copy where each member's engine settings start from `defaults`."""
+        members = [dataclasses.replace(m, engine={**defaults, **m.engine}) for m in self.members]
+        return dataclasses.replace(self, members=members)
+
+
+def demo_config() -> EnsembleConfig:
+    """The built-in demo ensemble (tiny members generated on first use)."""
+    from .demo import ensure_demo_models
+
+    paths = ensure_demo_models()
+    return EnsembleConfig(
+        members=[MemberConfig(name=name, model=str(path)) for name, path in paths.items()],
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _reject_unknown(raw: dict, klass: type, prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(klass)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(known))})"
+            )
+
+
+def _engine_arg_names() -> set[str]:
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:  # unit tests without vLLM: accept any name
+        return set()
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}

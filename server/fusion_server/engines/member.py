@@ -1,0 +1,159 @@
+"""One ensemble member: a vLLM AsyncLLM engine and its per-request sessions.
+
+Contract: a Session is one resident vLLM streaming-input request. Its first
+`step(ids)` sends the prompt ids, every later `step(ids)` sends only the new ids;
+each returns the member's top-k for the next position. The engine keeps the KV
+cache between steps, so no prefix is ever re-sent. This module knows nothing about
+fusion, text or other members. vLLM is imported lazily (client installs lack it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from ..config import MemberConfig
+from ..fusion.candidates import MemberTopK
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class EngineUnavailable(RuntimeError):
+    """The member's engine is not running (not started, shut down or dead)."""
+
+
+class Member:
+    """A named vLLM engine hosting one source model."""
+
+    def __init__(self, config: MemberConfig, top_k: int) -> None:
+        self.config = config
+        self.name = config.name
+        self.top_k = top_k
+        self.llm: Any = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._sampling_params: Any = None
+
+    async def start(self) -> None:
+        """Start the engine (its EngineCore process) and wait until it is ready."""
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        settings = dict(self.config.engine)
+        threads = settings.pop("cpu_threads", None)
+        settings.setdefault("max_logprobs", max(20, self.top_k))
+        # vLLM's own Prometheus logger unregisters other engines' collectors.
+        settings.setdefault("disable_log_stats", True)
+        args = AsyncEngineArgs(model=str(self.config.model), **settings)
+        # VLLM_CPU_OMP_THREADS_BIND is read by the engine process at spawn time.
+        saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        if threads is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(threads)
+        try:
+            self.llm = AsyncLLM.from_engine_args(args)
+        finally:
+            if threads is not None:
+                if saved is None:
+                    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+                else:
+                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self._sampling_params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=self.top_k,
+            detokenize=False,
+            flat_logprobs=True,
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=False,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    def open_session(self, request_id: str) -> Session:
+        if not self.running:
+            raise EngineUnavailable(f"member {self.name!r} is not running")
+        return Session(self, f"{request_id}:{self.name}")
+
+    def num_engine_requests(self) -> int:
+        """Requests the engine front-end still tracks (0 when every session ended)."""
+        if self.llm is None:
+            return 0
+        return len(self.llm.output_processor.request_states)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+class Session:
+    """One request's resident streaming-input session on one member."""
+
+    def __init__(self, member: Member, request_id: str) -> None:
+        self.member = member
+        self.request_id = request_id
+        self.num_tokens = 0
+        self._inputs: asyncio.Queue = asyncio.Queue()
+        self._outputs: AsyncIterator[Any] | None = None
+        self._closed = False
+
+    async def _input_stream(self):
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs import TokensPrompt
+
+        while True:
+            ids = await self._inputs.get()
+            if ids is _END:
+                return
+            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=ids))
+
+    async def step(self, ids: list[int]) -> MemberTopK:
+        """Append ids (the prompt, on the first call) and return the next top-k."""
+        if self._closed:
+            raise RuntimeError(f"session {self.request_id} is closed")
+        llm = self.member.llm
+        if llm is None or llm.errored:
+            raise EngineUnavailable(f"member {self.member.name!r} is not running")
+        if self._outputs is None:
+            self._outputs = llm.generate(
+                self._input_stream(), self.member._sampling_params, self.request_id
+            )
+        self.num_tokens += len(ids)
+        self._inputs.put_nowait(list(ids))
+        out = await anext(self._outputs)
+        flat = out.outputs[0].logprobs
+        start, end = flat.start_indices[-1], flat.end_indices[-1]
+        token_ids = flat.token_ids[start:end]
+        logprobs = flat.logprobs[start:end]
+        # The first entry is the engine's own sampled token (greedy = its top-1),
+        # followed by the ranked top-k; drop duplicates.
+        if len(token_ids) > 1 and token_ids[0] in token_ids[1:]:
+            token_ids, logprobs = token_ids[1:], logprobs[1:]
+        return MemberTopK(
+            ids=np.asarray(token_ids, dtype=np.int64),
+            logprobs=np.asarray(logprobs, dtype=np.float64),
+        )
+
+    async def close(self) -> None:
+        """End the session; the engine frees the request and its KV cache."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inputs.put_nowait(_END)
+        if self._outputs is not None:
+            with contextlib.suppress(Exception):
+                await self._outputs.aclose()  # aborts the request in the engine

@@ -1,0 +1,109 @@
+"""A request as the router sees it: what was asked, and its state so far.
+
+`GenerateParams` is the validated, protobuf-free form of a GenerateRequest (the
+api layer builds it). `FusionRequest` is the mutable per-request state the router
+advances one fused token at a time; it reports to its caller through `events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..fusion.policies import Policy
+from ..fusion.sampler import RequestRng
+from ..text import TextAssembler
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+
+
+@dataclass
+class GenerateParams:
+    """A validated generation request (no protobuf, no engine objects)."""
+
+    request_id: str
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    policy: str = ""
+    weights: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)
+    logprobs: int = 0
+    member_details: bool = False
+
+
+@dataclass
+class MemberDetail:
+    member: str
+    logprob: float
+    top_token_id: int
+
+
+@dataclass
+class TokenDetail:
+    token_id: int
+    text: str
+    logprob: float
+    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    members: list[MemberDetail] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """What one router step produced for a request (sent to the API layer)."""
+
+    text: str
+    tokens: list[TokenDetail]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class FusionRequest:
+    """Router-side state of one request."""
+
+    def __init__(
+        self,
+        params: GenerateParams,
+        prompt_ids: list[int],
+        policy: Policy,
+        policy_params: dict[str, float],
+        weights: np.ndarray,
+        max_tokens: int,
+    ) -> None:
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.policy = policy
+        self.policy_params = policy_params
+        self.weights = weights  # [M], sums to 1
+        self.max_tokens = max_tokens
+        self.rng = RequestRng(params.seed)
+        self.text = TextAssembler(params.stop)
+        self.sessions: list[Any] = []
+        self.tops: list[Any] = []  # per member MemberTopK of the pending step
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None
+        self.step_task: asyncio.Task | None = None
+        self.events: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+    @property
+    def id(self) -> str:
+        return self.params.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
