@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="policy parameter (repeatable)",
     )
-    gen.add_argument("--max-tokens", type=int, default=0, help="0: the server default")
+    gen.add_argument("--max-tokens", type=int, help="default: the server default")
     gen.add_argument("--temperature", type=float, help="0: greedy (default: greedy)")
     gen.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]")
     gen.add_argument("--top-k", type=int, default=0, help="0: off")

@@ -38,7 +38,7 @@ _NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEED
 def build_request(
     prompt: str,
     *,
-    max_tokens: int = 0,
+    max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int = 0,
@@ -52,7 +52,7 @@ def build_request(
     member_details: bool = False,
     request_id: str = "",
 ) -> fusion_pb2.GenerateRequest:
-    """Builds a GenerateRequest; optional fields (temperature, top_p, seed) stay unset when None."""
+    """Builds a GenerateRequest; optional fields (max_tokens, temperature, top_p, seed) stay unset when None."""
     if isinstance(stop, str):
         stop = (stop,)
     sampling = fusion_pb2.SamplingParams(

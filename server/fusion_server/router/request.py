@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..fusion.policies import Policy
-from ..fusion.sampler import RequestRng
+from ..fusion.sampler import RequestRng, make_seed
 from ..text import TextAssembler
 
 
@@ -90,7 +90,7 @@ class FusionRequest:
         self.policy_params = policy_params
         self.weights = weights  # [M], sums to 1
         self.max_tokens = max_tokens
-        self.rng = RequestRng(params.seed)
+        self.rng = RequestRng(make_seed() if params.seed is None else params.seed)
         self.text = TextAssembler(params.stop)
         self.sessions: list[Any] = []
         self.tops: list[Any] = []  # per member MemberTopK of the pending step
@@ -98,6 +98,7 @@ class FusionRequest:
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
         self.step_task: asyncio.Task | None = None
+        self.started = 0.0
         self.events: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
     @property

@@ -1,0 +1,115 @@
+"""Protobuf <-> domain objects, with request validation (field-named errors)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from fusion_client._proto.fusion.v1 import fusion_pb2 as pb
+
+from ..config import LimitsConfig
+from ..router.request import Delta, FinishReason, GenerateParams, TokenDetail
+from .errors import ValidationError
+
+MAX_STOP_STRINGS = 16
+MAX_REQUEST_ID = 128
+
+FINISH_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+}
+
+
+def params_from_pb(req: pb.GenerateRequest, limits: LimitsConfig, top_k: int) -> GenerateParams:
+    """Validate a GenerateRequest's own fields (not those that need the ensemble)."""
+    if not req.prompt:
+        raise ValidationError("prompt", "must not be empty")
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise ValidationError(
+            "prompt",
+            f"{len(req.prompt)} characters is above the limit of {limits.max_prompt_chars}",
+        )
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise ValidationError("request_id", f"must be at most {MAX_REQUEST_ID} characters")
+    s = req.sampling
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else limits.default_max_tokens
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ValidationError(
+            "sampling.max_tokens", f"must be in [1, {limits.max_tokens}], got {max_tokens}"
+        )
+    temperature = s.temperature if s.HasField("temperature") else 0.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValidationError("sampling.temperature", f"must be >= 0, got {temperature}")
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValidationError("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise ValidationError("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, stop in enumerate(s.stop):
+        if not stop:
+            raise ValidationError(f"sampling.stop[{i}]", "must not be empty")
+    if req.output.logprobs > top_k:
+        raise ValidationError("output.logprobs", f"must be <= {top_k} (the ensemble's top_k)")
+    for name, value in req.fusion.weights.items():
+        if not math.isfinite(value):
+            raise ValidationError(f"fusion.weights.{name}", "must be a finite number")
+    return GenerateParams(
+        request_id=req.request_id or uuid.uuid4().hex,
+        prompt=req.prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        policy=req.fusion.policy,
+        weights=dict(req.fusion.weights),
+        params=dict(req.fusion.params),
+        logprobs=req.output.logprobs,
+        member_details=req.output.member_details,
+    )
+
+
+def token_to_pb(token: TokenDetail) -> pb.TokenDetail:
+    return pb.TokenDetail(
+        token_id=token.token_id,
+        text=token.text,
+        logprob=token.logprob,
+        top_logprobs=[
+            pb.TokenLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in token.top_logprobs
+        ],
+        members=[
+            pb.MemberTokenDetail(member=m.member, logprob=m.logprob, top_token_id=m.top_token_id)
+            for m in token.members
+        ],
+    )
+
+
+def usage_to_pb(delta: Delta) -> pb.Usage:
+    return pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
+
+
+def stream_to_pb(request_id: str, delta: Delta) -> pb.GenerateStreamResponse:
+    msg = pb.GenerateStreamResponse(
+        request_id=request_id,
+        text=delta.text,
+        finish_reason=FINISH_TO_PB[delta.finish_reason],
+        tokens=[token_to_pb(t) for t in delta.tokens],
+    )
+    if delta.finish_reason is not None:
+        msg.usage.CopyFrom(usage_to_pb(delta))
+    return msg
+
+
+def response_to_pb(request_id: str, deltas: list[Delta]) -> pb.GenerateResponse:
+    last = deltas[-1]
+    return pb.GenerateResponse(
+        request_id=request_id,
+        text="".join(d.text for d in deltas),
+        finish_reason=FINISH_TO_PB[last.finish_reason],
+        usage=usage_to_pb(last),
+        tokens=[token_to_pb(t) for d in deltas for t in d.tokens],
+    )

@@ -1,0 +1,139 @@
+"""FusionService: thin gRPC servicer (convert, call the router, convert back)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fusion_client._proto.fusion.v1 import fusion_pb2 as pb
+from fusion_client._proto.fusion.v1 import fusion_pb2_grpc
+
+from ..fusion.policies import POLICIES, normalize_weights
+from ..router.request import Delta, FusionRequest, GenerateParams
+from ..router.router import Router
+from .convert import params_from_pb, response_to_pb, stream_to_pb
+from .errors import NotReady, ValidationError, abort_with
+
+log = logging.getLogger(__name__)
+
+
+class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
+    """Serves one ensemble through its router (None while engines start)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.router: Router | None = None
+        self.draining = False
+
+    # -- request building --------------------------------------------------------
+    def _router(self) -> Router:
+        if self.router is None:
+            raise NotReady("the ensemble's engines are starting; retry shortly")
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        return self.router
+
+    def _build(self, req: pb.GenerateRequest) -> FusionRequest:
+        router = self._router()
+        ensemble = router.ensemble
+        fusion = self.config.fusion
+        params: GenerateParams = params_from_pb(req, self.config.limits, fusion.top_k)
+        policy = router.policy(params.policy or fusion.policy)
+        policy_params = policy.validate_params({**fusion.params, **params.params})
+        weights = normalize_weights(
+            ensemble.member_names,
+            {m.name: m.config.weight for m in ensemble.members},
+            params.weights,
+        )
+        prompt_ids = ensemble.encode(params.prompt)
+        room = ensemble.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValidationError(
+                "prompt",
+                f"{len(prompt_ids)} tokens does not fit the members' context of "
+                f"{ensemble.max_model_len} tokens",
+            )
+        return FusionRequest(
+            params,
+            prompt_ids,
+            policy,
+            policy_params,
+            weights,
+            max_tokens=min(params.max_tokens, room),
+        )
+
+    async def _run(self, req: pb.GenerateRequest, context) -> AsyncIterator[tuple[str, Delta]]:
+        """Submit a request and yield its deltas; always releases its sessions."""
+        try:
+            request = self._build(req)
+            self._router().submit(request)
+        except Exception as err:
+            await abort_with(context, err)
+            return
+        try:
+            while True:
+                event = await request.events.get()
+                if isinstance(event, BaseException):
+                    await abort_with(context, event)
+                    return
+                yield request.id, event
+                if event.finish_reason is not None:
+                    return
+        finally:  # finished, failed, cancelled by the client, or past its deadline
+            await self.router.release(request)
+
+    # -- RPCs --------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        deltas: list[Delta] = []
+        request_id = ""
+        async for request_id, delta in self._run(request, context):
+            deltas.append(delta)
+        return response_to_pb(request_id, deltas)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context):
+        async for request_id, delta in self._run(request, context):
+            yield stream_to_pb(request_id, delta)
+
+    async def GetEnsemble(self, request: pb.GetEnsembleRequest, context) -> pb.GetEnsembleResponse:
+        try:
+            router = self._router()
+        except Exception as err:
+            await abort_with(context, err)
+            return pb.GetEnsembleResponse()
+        ensemble = router.ensemble
+        return pb.GetEnsembleResponse(
+            members=[
+                pb.MemberInfo(
+                    name=m.name,
+                    model=m.config.model,
+                    weight=m.config.weight,
+                    vocab_size=m.vocab_size,
+                    tokenizer_fingerprint=ensemble.fingerprint,
+                    tokenizer_kind=ensemble.kind,
+                    max_model_len=m.max_model_len,
+                )
+                for m in ensemble.members
+            ],
+            default_policy=self.config.fusion.policy,
+            policies=[
+                pb.PolicyInfo(
+                    name=name,
+                    description=klass.description,
+                    params=[
+                        pb.PolicyParamInfo(
+                            name=p,
+                            default=spec.default,
+                            min=spec.min,
+                            max=spec.max,
+                            description=spec.description,
+                        )
+                        for p, spec in klass.params.items()
+                    ],
+                )
+                for name, klass in POLICIES.items()
+            ],
+            alignment="shared-ids",
+            top_k=self.config.fusion.top_k,
+            max_tokens_limit=self.config.limits.max_tokens,
+            default_max_tokens=self.config.limits.default_max_tokens,
+        )

@@ -1,0 +1,106 @@
+"""Server-side `fusion` subcommands: serve, demo-models, bench.
+
+Reached through the client package's CLI front (`fusion <cmd>`), or directly as
+`python -m fusion_server <cmd>`. Anything that starts engines runs under
+`if __name__ == "__main__"`-safe entry points (vLLM spawns engine processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import CPU_ENGINE_DEFAULTS, ConfigError, EnsembleConfig, demo_config
+
+
+def load_config(
+    path: str | None, port: int | None = None, metrics_port: int | None = None
+) -> EnsembleConfig:
+    """The config file (or the demo ensemble), CLI overrides applied, CPU defaults filled."""
+    config = EnsembleConfig.load(path) if path else demo_config()
+    if port is not None:
+        config.server.port = port
+    if metrics_port is not None:
+        config.server.metrics_port = metrics_port
+    config.server.check("server")
+    if _on_cpu():
+        config = config.with_engine_defaults(CPU_ENGINE_DEFAULTS)
+    return config
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return True
+    return current_platform.is_cpu()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = load_config(args.config, args.port, args.metrics_port)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _demo_models(args: argparse.Namespace) -> int:
+    from .demo import ensure_demo_models
+
+    for name, path in ensure_demo_models().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    config = load_config(args.config)
+    return run_bench(config, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion", description="fusion-serve server commands")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve an ensemble over gRPC (default: the demo ensemble)")
+    serve.add_argument("--config", help="ensemble YAML file (default: the built-in demo ensemble)")
+    serve.add_argument(
+        "--port", type=int, help="gRPC port (overrides server.port; 0 = any free port)"
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, help="Prometheus port (overrides server.metrics_port; -1 = off)"
+    )
+    serve.set_defaults(func=_serve)
+    demo = sub.add_parser(
+        "demo-models", help="generate (once) and print the demo ensemble's model dirs"
+    )
+    demo.set_defaults(func=_demo_models)
+    bench = sub.add_parser("bench", help="throughput benchmark: fused vs. members alone vs. naive")
+    bench.add_argument("--config", help="ensemble YAML file (default: the demo ensemble)")
+    bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")
+    bench.add_argument("--max-tokens", type=int, default=32)
+    bench.add_argument("--policy", default="mean")
+    bench.add_argument("--out", help="also write the markdown table to this file")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"fusion: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

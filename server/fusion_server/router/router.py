@@ -1,0 +1,218 @@
+"""The lock-step router: advance every request across all members, one fused token a step.
+
+Contract: each live request has one resident session per member. When all of a
+request's members have returned their top-k for the next position, the request is
+*ready*. The loop takes every ready request at once, aligns, fuses and samples them
+in one vectorised call, then advances each (stops, text delta, feed the chosen token
+to every member). Requests never wait for each other: a request that is ready joins
+the next batch, one still waiting on its members joins a later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import numpy as np
+
+from ..fusion.candidates import align_shared
+from ..fusion.policies import Policy, resolve_policy
+from ..fusion.sampler import sample
+from .ensemble import Ensemble
+from .request import Delta, FinishReason, FusionRequest, MemberDetail, TokenDetail
+from .stats import RouterStats
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """Too many requests are running; the caller should retry later."""
+
+
+class Router:
+    """Owns the decode loop over an Ensemble of started members."""
+
+    def __init__(self, ensemble: Ensemble, max_running: int, stats: RouterStats | None = None):
+        self.ensemble = ensemble
+        self.max_running = max_running
+        self.stats = stats or RouterStats()
+        self.running: dict[str, FusionRequest] = {}
+        self._ready: list[FusionRequest] = []
+        self._wake = asyncio.Event()
+        self._policies: dict[type[Policy], Policy] = {}
+        self._loop_task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="router")
+
+    async def stop(self) -> None:
+        for request in list(self.running.values()):
+            await self.release(request)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    def policy(self, name: str) -> Policy:
+        """The shared instance of a policy class (by name or module:Class)."""
+        klass = resolve_policy(name)
+        if klass not in self._policies:
+            self._policies[klass] = klass(self.ensemble.member_names)
+        return self._policies[klass]
+
+    # -- requests --------------------------------------------------------------
+    def submit(self, request: FusionRequest) -> None:
+        """Open the request's member sessions and send its prompt to every member."""
+        if len(self.running) >= self.max_running:
+            raise Overloaded(f"{len(self.running)} requests running (limit {self.max_running})")
+        request.sessions = [m.open_session(request.id) for m in self.ensemble.members]
+        self.running[request.id] = request
+        request.started = time.perf_counter()
+        self.stats.on_submit()
+        self._feed(request, request.prompt_ids)
+
+    async def release(self, request: FusionRequest) -> None:
+        """End a request's member sessions (finished, failed, cancelled or timed out)."""
+        if self.running.pop(request.id, None) is None:
+            return
+        task = request.step_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
+        self.stats.on_release(request)
+
+    def _feed(self, request: FusionRequest, ids: list[int]) -> None:
+        request.step_task = asyncio.get_running_loop().create_task(self._step(request, ids))
+
+    async def _step(self, request: FusionRequest, ids: list[int]) -> None:
+        """Step every member of one request concurrently, then mark it ready."""
+        t0 = time.perf_counter()
+        try:
+            request.tops = await asyncio.gather(*(s.step(ids) for s in request.sessions))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # engine died, engine rejected input, ...
+            request.error = err
+            request.events.put_nowait(err)
+            return
+        self.stats.on_fanout(time.perf_counter() - t0)
+        self._ready.append(request)
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ready = [r for r in self._ready if r.id in self.running and not r.finished]
+            self._ready.clear()
+            if not ready:
+                continue
+            try:
+                self._advance_batch(ready)
+            except Exception as err:  # a bug must fail these requests, not the server
+                log.exception("router step failed")
+                for request in ready:
+                    request.error = err
+                    request.events.put_nowait(err)
+
+    def _advance_batch(self, ready: list[FusionRequest]) -> None:
+        t0 = time.perf_counter()
+        batch = align_shared([r.tops for r in ready], self.ensemble.vocab_size)
+        # batch.logprobs: [R, M, C]; batch.mask: [R, C]
+        fused = np.full(batch.mask.shape, -np.inf)  # [R, C]
+        groups: dict[int, list[int]] = {}
+        for i, request in enumerate(ready):
+            groups.setdefault(id(request.policy), []).append(i)
+        for rows in groups.values():
+            idx = np.asarray(rows)
+            policy = ready[rows[0]].policy
+            weights = np.stack([ready[i].weights for i in rows])  # [G, M]
+            params = [ready[i].policy_params for i in rows]
+            fused[idx] = policy.fuse(batch.logprobs[idx], batch.mask[idx], weights, params)
+        choice = sample(
+            fused,
+            batch.mask,
+            np.array([r.params.temperature for r in ready]),
+            np.array([r.params.top_p for r in ready]),
+            np.array([r.params.top_k for r in ready], dtype=np.int64),
+            np.array([r.rng.uniform() for r in ready]),
+        )  # [R] candidate index
+        self.stats.on_fuse(time.perf_counter() - t0, len(ready))
+        for i, request in enumerate(ready):
+            self._advance(request, batch, fused, i, int(choice[i]))
+
+    def _advance(self, request: FusionRequest, batch, fused, i: int, c: int) -> None:
+        """Apply the chosen candidate: stops, text delta, feed members."""
+        ensemble = self.ensemble
+        token = int(batch.ids[i, c])
+        request.completion_tokens += 1
+        self.stats.on_token(
+            request, [int(t.ids[0]) == token if len(t.ids) else False for t in request.tops]
+        )
+        is_eos = token in ensemble.eos_ids and not request.params.ignore_eos
+        text = "" if is_eos else request.text.push(ensemble.table[token])
+        details = (
+            [self._detail(request, batch, fused, i, c)] if self._wants_details(request) else []
+        )
+        finish = None
+        if is_eos:
+            finish = FinishReason.EOS
+        elif request.text.stopped:
+            finish = FinishReason.STOP
+        elif request.completion_tokens >= request.max_tokens:
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            text += request.text.finish() if finish is not FinishReason.STOP else ""
+            request.finish_reason = finish
+        request.events.put_nowait(
+            Delta(
+                text=text,
+                tokens=details,
+                finish_reason=finish,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=request.completion_tokens,
+            )
+        )
+        if finish is None:
+            self._feed(request, [token])
+
+    @staticmethod
+    def _wants_details(request: FusionRequest) -> bool:
+        return request.params.logprobs > 0 or request.params.member_details
+
+    def _detail(self, request: FusionRequest, batch, fused, i: int, c: int) -> TokenDetail:
+        table = self.ensemble.table
+        token = int(batch.ids[i, c])
+        detail = TokenDetail(
+            token_id=token,
+            text=table[token].decode("utf-8", errors="replace"),
+            logprob=float(fused[i, c]),
+        )
+        n = request.params.logprobs
+        if n:
+            order = np.argsort(-fused[i], kind="stable")[:n]
+            detail.top_logprobs = [
+                (
+                    int(batch.ids[i, j]),
+                    table[int(batch.ids[i, j])].decode("utf-8", "replace"),
+                    float(fused[i, j]),
+                )
+                for j in order
+                if batch.mask[i, j]
+            ]
+        if request.params.member_details:
+            detail.members = [
+                MemberDetail(
+                    member=name,
+                    logprob=float(batch.logprobs[i, m, c]),
+                    top_token_id=int(request.tops[m].ids[np.argmax(request.tops[m].logprobs)]),
+                )
+                for m, name in enumerate(self.ensemble.member_names)
+            ]
+        return detail

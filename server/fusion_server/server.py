@@ -1,0 +1,147 @@
+"""Run the gRPC server: FusionService, health, reflection, metrics; start and stop engines.
+
+Order of events: the gRPC port opens at once with health NOT_SERVING (so probes
+and clients get a clean UNAVAILABLE); the members start one after another; health
+turns SERVING once every engine is warm. SIGTERM/SIGINT: NOT_SERVING, stop taking
+new requests, let in-flight ones finish for `server.grace_seconds`, shut engines down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from fusion_client._proto.fusion.v1 import fusion_pb2, fusion_pb2_grpc
+
+from .api.servicer import FusionServicer
+from .config import EnsembleConfig
+from .metrics import PrometheusSink
+from .router.ensemble import Ensemble
+from .router.router import Router
+from .router.stats import RouterStats
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class FusionServer:
+    """One ensemble behind one gRPC server."""
+
+    def __init__(self, config: EnsembleConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.servicer = FusionServicer(config)
+        self.health = (
+            health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        )
+        self.grpc_server: grpc.aio.Server | None = None
+        self.ensemble: Ensemble | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            result = self.health.set(service, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def start(self) -> None:
+        cfg = self.config.server
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        fusion_pb2_grpc.add_FusionServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"server.port: cannot bind {cfg.host}:{cfg.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self.grpc_server = server
+        if cfg.metrics_port >= 0:
+            httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.registry)
+            self.metrics_port = httpd.server_port
+        log.info(
+            "gRPC listening on %s:%d (metrics on %d); starting engines",
+            cfg.host,
+            self.port,
+            self.metrics_port,
+        )
+        print(
+            f"fusion: gRPC on {cfg.host}:{self.port}, metrics on :{self.metrics_port}; starting members",
+            flush=True,
+        )
+
+        self.ensemble = await Ensemble.start(self.config)
+        sink = PrometheusSink(self.registry, self.ensemble.member_names)
+        sink.track_members(self.ensemble.members)
+        router = Router(
+            self.ensemble, self.config.limits.max_concurrent_requests, RouterStats(sink)
+        )
+        router.start()
+        self.servicer.router = router
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        names = ", ".join(self.ensemble.member_names)
+        print(f"fusion: SERVING the ensemble [{names}] on port {self.port}", flush=True)
+
+    async def stop(self) -> None:
+        """Drain and shut down: NOT_SERVING, finish in-flight requests, stop engines."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer.draining = True
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.config.server.grace_seconds)
+        if self.servicer.router is not None:
+            await self.servicer.router.stop()
+        if self.ensemble is not None:
+            self.ensemble.shutdown()
+        log.info("server stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: EnsembleConfig) -> None:
+    """Run until SIGTERM / SIGINT."""
+    server = FusionServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    starting = asyncio.create_task(server.start())
+    waiter = asyncio.create_task(stop_requested.wait())
+    try:
+        done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            starting.result()  # raise start-up errors
+            await waiter
+        else:
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+    finally:
+        print("fusion: shutting down", flush=True)
+        await server.stop()
