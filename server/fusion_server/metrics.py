@@ -88,6 +88,6 @@ class PrometheusSink:
 
     def token(self, request: Any, agree: list[bool]) -> None:
         self.generated.inc()
-        for name, same in zip(self.member_names, agree):
+        for name, same in zip(self.member_names, agree, strict=True):
             if same:
                 self.agree.labels(name).inc()

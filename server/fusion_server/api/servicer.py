@@ -86,12 +86,12 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         deltas: list[Delta] = []
         request_id = ""
-        async for request_id, delta in self._run(request, context):
+        async for request_id, delta in self._run(request, context):  # noqa: B007
             deltas.append(delta)
         return response_to_pb(request_id, deltas)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
-        async for request_id, delta in self._run(request, context):
+        async for request_id, delta in self._run(request, context):  # noqa: B007
             yield stream_to_pb(request_id, delta)
 
     async def GetEnsemble(self, request: pb.GetEnsembleRequest, context) -> pb.GetEnsembleResponse:

