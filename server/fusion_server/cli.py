@@ -88,8 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVER_MODULES = ("vllm", "numpy", "transformers", "yaml", "grpc_health", "grpc_reflection", "prometheus_client")
+
+
+def missing_server_module() -> str | None:
+    """The first module of the server extra that is not installed, if any."""
+    import importlib.util
+
+    for module in SERVER_MODULES:
+        if importlib.util.find_spec(module) is None:
+            return module
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_server_module()
+    if missing is not None:
+        print(
+            f"fusion {args.command} needs the server extra: pip install 'fusion-serve[cpu]' "
+            f"(or [gpu] on CUDA); missing module: {missing}",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
