@@ -96,6 +96,7 @@ class FusionServer:
         self.ensemble = await Ensemble.start(self.config)
         sink = PrometheusSink(self.registry, self.ensemble.member_names)
         sink.track_members(self.ensemble.members)
+        self.servicer.on_rpc_done = lambda rpc, code: sink.requests.labels(rpc, code).inc()
         router = Router(
             self.ensemble, self.config.limits.max_concurrent_requests, RouterStats(sink)
         )

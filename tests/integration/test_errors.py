@@ -39,3 +39,6 @@ def test_server_keeps_serving_after_bad_input(client, server):
     resp = client.generate("def ok():", max_tokens=8, ignore_eos=True)
     assert resp.usage.completion_tokens == 8
     assert server.proc.poll() is None
+    metrics = server.metrics()
+    assert metrics['fusion_requests_total{code="INVALID_ARGUMENT",rpc="Generate"}'] >= 1
+    assert metrics['fusion_requests_total{code="OK",rpc="Generate"}'] >= 1

@@ -45,8 +45,3 @@ def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
     incident = uuid.uuid4().hex[:12]
     log.error("internal error (incident %s)", incident, exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; see server log)"
-
-
-async def abort_with(context: grpc.aio.ServicerContext, err: BaseException) -> None:
-    code, message = status_for(err)
-    await context.abort(code, message)

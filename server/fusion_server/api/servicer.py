@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fusion_client._proto.fusion.v1 import fusion_pb2 as pb
 from fusion_client._proto.fusion.v1 import fusion_pb2_grpc
@@ -12,7 +12,7 @@ from ..fusion.policies import POLICIES, normalize_weights
 from ..router.request import Delta, FusionRequest, GenerateParams
 from ..router.router import Router
 from .convert import params_from_pb, response_to_pb, stream_to_pb
-from .errors import NotReady, ValidationError, abort_with
+from .errors import NotReady, ValidationError, status_for
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self.config = config
         self.router: Router | None = None
         self.draining = False
+        # (rpc, status code name) -> None; the server points it at the metrics.
+        self.on_rpc_done: Callable[[str, str], None] = lambda rpc, code: None
 
     # -- request building --------------------------------------------------------
     def _router(self) -> Router:
@@ -62,45 +64,58 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             max_tokens=min(params.max_tokens, room),
         )
 
-    async def _run(self, req: pb.GenerateRequest, context) -> AsyncIterator[tuple[str, Delta]]:
+    async def _fail(self, rpc: str, context, err: BaseException) -> None:
+        code, message = status_for(err)
+        self.on_rpc_done(rpc, code.name)
+        await context.abort(code, message)
+
+    async def _run(
+        self, req: pb.GenerateRequest, context, rpc: str
+    ) -> AsyncIterator[tuple[str, Delta]]:
         """Submit a request and yield its deltas; always releases its sessions."""
         try:
             request = self._build(req)
             self._router().submit(request)
         except Exception as err:
-            await abort_with(context, err)
+            await self._fail(rpc, context, err)
             return
+        outcome = "CANCELLED"  # unless it finishes or fails below
         try:
             while True:
                 event = await request.events.get()
                 if isinstance(event, BaseException):
-                    await abort_with(context, event)
+                    outcome = ""
+                    await self._fail(rpc, context, event)
                     return
                 yield request.id, event
                 if event.finish_reason is not None:
+                    outcome = "OK"
                     return
         finally:  # finished, failed, cancelled by the client, or past its deadline
+            if outcome:
+                self.on_rpc_done(rpc, outcome)
             await self.router.release(request)
 
     # -- RPCs --------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         deltas: list[Delta] = []
         request_id = ""
-        async for request_id, delta in self._run(request, context):  # noqa: B007
+        async for request_id, delta in self._run(request, context, "Generate"):  # noqa: B007
             deltas.append(delta)
         return response_to_pb(request_id, deltas)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
-        async for request_id, delta in self._run(request, context):  # noqa: B007
+        async for request_id, delta in self._run(request, context, "GenerateStream"):  # noqa: B007
             yield stream_to_pb(request_id, delta)
 
     async def GetEnsemble(self, request: pb.GetEnsembleRequest, context) -> pb.GetEnsembleResponse:
         try:
             router = self._router()
         except Exception as err:
-            await abort_with(context, err)
+            await self._fail("GetEnsemble", context, err)
             return pb.GetEnsembleResponse()
         ensemble = router.ensemble
+        self.on_rpc_done("GetEnsemble", "OK")
         return pb.GetEnsembleResponse(
             members=[
                 pb.MemberInfo(

@@ -123,6 +123,11 @@ class Session:
 
     async def step(self, ids: list[int]) -> MemberTopK:
         """Append ids (the prompt, on the first call) and return the next top-k."""
+        self.send(ids)
+        return await self.receive()
+
+    def send(self, ids: list[int]) -> None:
+        """Queue ids for the engine without waiting (pair with `receive`)."""
         if self._closed:
             raise RuntimeError(f"session {self.request_id} is closed")
         llm = self.member.llm
@@ -134,6 +139,9 @@ class Session:
             )
         self.num_tokens += len(ids)
         self._inputs.put_nowait(list(ids))
+
+    async def receive(self) -> MemberTopK:
+        """The member's top-k for the next position after the last `send`."""
         out = await anext(self._outputs)
         flat = out.outputs[0].logprobs
         start, end = flat.start_indices[-1], flat.end_indices[-1]

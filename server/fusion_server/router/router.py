@@ -93,7 +93,11 @@ class Router:
         """Step every member of one request concurrently, then mark it ready."""
         t0 = time.perf_counter()
         try:
-            request.tops = await asyncio.gather(*(s.step(ids) for s in request.sessions))
+            # Send to every member first, then collect: the members work concurrently
+            # without a task per member.
+            for session in request.sessions:
+                session.send(ids)
+            request.tops = [await session.receive() for session in request.sessions]
         except asyncio.CancelledError:
             raise
         except Exception as err:  # engine died, engine rejected input, ...
