@@ -88,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SERVER_MODULES = ("vllm", "numpy", "transformers", "yaml", "grpc_health", "grpc_reflection", "prometheus_client")
+SERVER_MODULES = (
+    "vllm",
+    "numpy",
+    "transformers",
+    "yaml",
+    "grpc_health",
+    "grpc_reflection",
+    "prometheus_client",
+)
 
 
 def missing_server_module() -> str | None:

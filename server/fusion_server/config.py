@@ -55,7 +55,7 @@ class MemberConfig:
             raise ConfigError(f"{path}.weight", f"must be a number >= 0, got {self.weight!r}")
         if not isinstance(self.engine, dict):
             raise ConfigError(f"{path}.engine", "must be a mapping of vLLM engine settings")
-        known = _engine_arg_names()
+        known = _engine_arg_names() if self.engine else set()  # importing vLLM takes seconds
         for key in self.engine:
             if known and key not in known and key != "cpu_threads":
                 raise ConfigError(f"{path}.engine.{key}", "unknown vLLM engine setting")

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
+from unittest import mock
 
 import numpy as np
 
+from fusion_server import config as config_module
 from fusion_server.config import EnsembleConfig, FusionConfig, MemberConfig
 from fusion_server.fusion.candidates import MemberTopK
 from fusion_server.router.ensemble import Ensemble
@@ -117,16 +119,22 @@ Hook = Callable[["FakeSession"], Awaitable[None]]
 
 
 class FakeSession:
-    """One request's session on a FakeMember."""
+    """One request's session on a FakeMember.
+
+    Supports both session APIs: ``await step(ids)`` and ``send(ids)`` followed by
+    ``await receive()`` (``step`` is exactly ``send`` + ``receive``). The fake model
+    runs in ``receive``, after the member's jitter and ``hook``.
+    """
 
     def __init__(self, member: FakeMember, request_id: str) -> None:
         self.member = member
         self.request_id = request_id
-        self.chunks: list[list[int]] = []  # every ids chunk sent to step()
+        self.chunks: list[list[int]] = []  # every ids chunk sent
         self.closed = False
-        self.in_flight = 0  # steps currently running
-        self.cancelled = 0  # steps cancelled while running
-        self.completed = 0  # steps that returned a top-k
+        self.unanswered = 0  # chunks sent whose top-k was not received yet
+        self.in_flight = 0  # receives currently running
+        self.cancelled = 0  # receives cancelled while running
+        self.completed = 0  # receives that returned a top-k
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -141,9 +149,22 @@ class FakeSession:
         return len(self.chunks)
 
     async def step(self, ids: list[int]) -> MemberTopK:
+        self.send(ids)
+        return await self.receive()
+
+    def send(self, ids: list[int]) -> None:
         if self.closed:
             raise RuntimeError(f"session {self.request_id}:{self.member.name} is closed")
+        if self.unanswered:
+            raise RuntimeError("fake session: send before the previous receive")
         self.chunks.append(list(ids))
+        self.unanswered += 1
+
+    async def receive(self) -> MemberTopK:
+        if self.closed:
+            raise RuntimeError(f"session {self.request_id}:{self.member.name} is closed")
+        if not self.unanswered:
+            raise RuntimeError("fake session: receive without send")
         self.in_flight += 1
         try:
             # deterministic jitter: sessions become ready at different loop turns
@@ -153,6 +174,7 @@ class FakeSession:
                 await self.member.hook(self)
             logprobs = self.member.model(self.prompt, self.generated)
             self.completed += 1
+            self.unanswered -= 1
             return top_k_of(logprobs, self.member.top_k)
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -213,10 +235,13 @@ class FakeMember:
 
 
 def make_ensemble(members: list[FakeMember], policy: str = "mean") -> Ensemble:
-    config = EnsembleConfig(
-        members=[m.config for m in members],
-        fusion=FusionConfig(policy=policy, top_k=max(m.top_k for m in members)),
-    )
+    # MemberConfig.check imports vLLM to list its engine settings (seconds); the fake
+    # members have no engine settings, so skip that.
+    with mock.patch.object(config_module, "_engine_arg_names", set):
+        config = EnsembleConfig(
+            members=[m.config for m in members],
+            fusion=FusionConfig(policy=policy, top_k=max(m.top_k for m in members)),
+        )
     return Ensemble(
         config=config,
         members=members,

@@ -9,7 +9,9 @@ from fusion_server import cli
 
 def test_missing_server_extra_names_the_extra(monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'fusion-serve[cpu]'" in err and "vllm" in err

@@ -68,7 +68,15 @@ class Router:
         """Open the request's member sessions and send its prompt to every member."""
         if len(self.running) >= self.max_running:
             raise Overloaded(f"{len(self.running)} requests running (limit {self.max_running})")
-        request.sessions = [m.open_session(request.id) for m in self.ensemble.members]
+        sessions = []
+        try:
+            for member in self.ensemble.members:
+                sessions.append(member.open_session(request.id))
+        except BaseException:
+            for session in sessions:  # nothing was sent yet: closing is local
+                session._closed = True
+            raise
+        request.sessions = sessions
         self.running[request.id] = request
         request.started = time.perf_counter()
         self.stats.on_submit()
@@ -81,8 +89,7 @@ class Router:
         task = request.step_task
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task})  # lets a cancellation of our caller through
         await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
         self.stats.on_release(request)
 
@@ -101,8 +108,7 @@ class Router:
         except asyncio.CancelledError:
             raise
         except Exception as err:  # engine died, engine rejected input, ...
-            request.error = err
-            request.events.put_nowait(err)
+            self._fail(request, err)
             return
         self.stats.on_fanout(time.perf_counter() - t0)
         self._ready.append(request)
@@ -122,8 +128,7 @@ class Router:
             except Exception as err:  # a bug must fail these requests, not the server
                 log.exception("router step failed")
                 for request in ready:
-                    request.error = err
-                    request.events.put_nowait(err)
+                    self._fail(request, err)
 
     def _advance_batch(self, ready: list[FusionRequest]) -> None:
         t0 = time.perf_counter()
@@ -133,12 +138,20 @@ class Router:
         groups: dict[int, list[int]] = {}
         for i, request in enumerate(ready):
             groups.setdefault(id(request.policy), []).append(i)
+        failed: set[int] = set()
         for rows in groups.values():
             idx = np.asarray(rows)
             policy = ready[rows[0]].policy
             weights = np.stack([ready[i].weights for i in rows])  # [G, M]
             params = [ready[i].policy_params for i in rows]
-            fused[idx] = policy.fuse(batch.logprobs[idx], batch.mask[idx], weights, params)
+            try:
+                fused[idx] = policy.fuse(batch.logprobs[idx], batch.mask[idx], weights, params)
+            except Exception as err:  # e.g. a third-party policy: fail only its requests
+                log.exception("policy %s failed", type(policy).__name__)
+                for i in rows:
+                    self._fail(ready[i], err)
+                failed.update(rows)
+                fused[idx] = np.where(batch.mask[idx], 0.0, -np.inf)  # placeholder, unused
         choice = sample(
             fused,
             batch.mask,
@@ -149,7 +162,19 @@ class Router:
         )  # [R] candidate index
         self.stats.on_fuse(time.perf_counter() - t0, len(ready))
         for i, request in enumerate(ready):
-            self._advance(request, batch, fused, i, int(choice[i]))
+            if i in failed:
+                continue
+            try:
+                self._advance(request, batch, fused, i, int(choice[i]))
+            except Exception as err:
+                log.exception("advancing request %s failed", request.id)
+                self._fail(request, err)
+
+    @staticmethod
+    def _fail(request: FusionRequest, err: BaseException) -> None:
+        if request.error is None:
+            request.error = err
+            request.events.put_nowait(err)
 
     def _advance(self, request: FusionRequest, batch, fused, i: int, c: int) -> None:
         """Apply the chosen candidate: stops, text delta, feed members."""
