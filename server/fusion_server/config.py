@@ -24,8 +24,11 @@ class ConfigError(ValueError):
 # vLLM engine settings applied to every member unless the member overrides them.
 # CPU: size the KV cache explicitly (a CPU engine left unset claims a large share of
 # RAM and the next engine refuses to start); float32 keeps greedy decoding identical
-# to a float32 `transformers` reference.
+# to a float32 `transformers` reference; eager mode skips torch.compile, which costs
+# 10-25 s per engine start (minutes on a loaded 2-core machine) and gains little on
+# small models. Set `enforce_eager: false` per member to compile.
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
     "kv_cache_memory_bytes": 512 * 1024**2,
     "max_model_len": 2048,
     "dtype": "float32",
