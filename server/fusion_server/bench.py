@@ -30,6 +30,7 @@ import math
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import sysconfig
 import time
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 MIN_REQUESTS = 32
 """Requests per driver and level at least (rounded up to a multiple of the level)."""
+REPEATS = 3
+"""Each level runs every driver this many times, interleaved; the table shows medians."""
+MIN_SECONDS = 2.0
+"""A driver repeats a level's requests (same prompts) until it has run this long."""
 WARMUP_REQUESTS = 4
 """Warm-up requests per driver (also used to check naive == router token for token)."""
 MAX_PROMPT_TOKENS = 96
@@ -102,7 +107,10 @@ class LevelResult:
     fused: float = 0.0
     fuse_rows_per_call: float = 0.0
     fuse_us_per_row: float = 0.0
-    seconds: dict[str, float] = field(default_factory=dict)
+    fused_cpu_us: float = 0.0
+    """CPU time of this (router) process per fused token, all threads."""
+    runs: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+    """Per driver, per repeat: (tokens/s, wall seconds, passes over the level's requests)."""
 
     @property
     def limit(self) -> float:
@@ -130,6 +138,15 @@ async def _closed_loop(conc: int, total: int, one: Callable[[int], Awaitable[int
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(worker() for _ in range(conc)))
     return sum(counts), time.perf_counter() - t0
+
+
+async def _measure(conc: int, total: int, one: Callable[[int], Awaitable[int]]):
+    """Passes of `_closed_loop` until MIN_SECONDS have passed; returns (tok/s, s, passes)."""
+    tokens, seconds, passes = 0, 0.0, 0
+    while seconds < MIN_SECONDS:
+        t, s = await _closed_loop(conc, total, one)
+        tokens, seconds, passes = tokens + t, seconds + s, passes + 1
+    return tokens / seconds, seconds, passes
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -292,23 +309,30 @@ class _Bench:
         same = sum(a == b[1] for a, b in zip(naive, fused, strict=True))
         return same, k
 
-    async def level(self, conc: int) -> LevelResult:
+    async def level(self, conc: int, repeats: int) -> LevelResult:
+        """Every driver `repeats` times, interleaved; rates are the medians."""
         total = _total(conc)
         result = LevelResult(conc=conc, requests=total)
-        for member in self.ensemble.members:
-            tokens, secs = await _closed_loop(
-                conc, total, lambda i, m=member: self.alone_one(m, i)
-            )
-            result.alone[member.name] = tokens / secs
-            result.seconds[f"alone:{member.name}"] = secs
-        tokens, secs = await _closed_loop(conc, total, self.naive_one)
-        result.naive = tokens / secs
-        result.seconds["naive"] = secs
+        drivers: list[tuple[str, Callable[[int], Awaitable[int]]]] = [
+            (f"alone:{m.name}", lambda i, m=m: self.alone_one(m, i)) for m in self.ensemble.members
+        ]
+        drivers += [("naive", self.naive_one), ("fused", self.fused_one)]
         stats = self.router.stats
         before = (stats.fuse_calls, stats.fused_rows, stats.fuse_seconds)
-        tokens, secs = await _closed_loop(conc, total, self.fused_one)
-        result.fused = tokens / secs
-        result.seconds["fused"] = secs
+        fused_tokens, fused_cpu = 0, 0.0
+        for _ in range(repeats):
+            for name, one in drivers:
+                tokens_before, cpu_before = stats.tokens, time.process_time()
+                rate, secs, passes = await _measure(conc, total, one)
+                result.runs.setdefault(name, []).append((rate, secs, passes))
+                if name == "fused":
+                    fused_tokens += stats.tokens - tokens_before
+                    fused_cpu += time.process_time() - cpu_before
+        median = {name: statistics.median(r[0] for r in runs) for name, runs in result.runs.items()}
+        result.alone = {m.name: median[f"alone:{m.name}"] for m in self.ensemble.members}
+        result.naive, result.fused = median["naive"], median["fused"]
+        if fused_tokens:
+            result.fused_cpu_us = fused_cpu / fused_tokens * 1e6
         calls = stats.fuse_calls - before[0]
         rows = stats.fused_rows - before[1]
         fuse_s = stats.fuse_seconds - before[2]
@@ -349,11 +373,11 @@ def render(
         ["conc"]
         + [f"{n} alone" for n in member_names]
         + ["harmonic limit", "naive", "fused", "fused/naive", "fused/limit"]
-        + ["fuse rows/call", "fuse µs/row"]
+        + ["fuse rows/call", "fuse µs/row", "router CPU µs/token"]
     )
     lines = [
-        f"# fusion-serve throughput (fused tokens/s, {args.max_tokens} tokens/request, greedy, "
-        f"policy `{args.policy}`)",
+        f"# fusion-serve throughput (tokens/s, {args.max_tokens} tokens/request, greedy, "
+        f"policy `{args.policy}`; medians of interleaved repeats)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---:" for _ in head) + "|",
@@ -368,20 +392,25 @@ def render(
                 f"{r.fused / r.limit:.2f}×" if r.limit else "-",
                 f"{r.fuse_rows_per_call:.1f}",
                 f"{r.fuse_us_per_row:.0f}",
+                f"{r.fused_cpu_us:.0f}",
             ]
         )
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Target (issue): fused ≥ 2× naive at concurrency 1 and at 64."]
+    if not any(r.conc in (1, 64) for r in results):
+        lines.append("- (neither level was run)")
     for r in results:
         if r.conc in (1, 64) and r.naive:
             ok = "met" if r.fused >= 2 * r.naive else "NOT met"
             lines.append(f"- conc {r.conc}: fused/naive = {r.fused / r.naive:.2f}× ({ok})")
     lines += ["", "## Run", ""]
     lines += [f"- {k}: {v}" for k, v in facts]
-    lines += ["", "Wall seconds per driver and level:", ""]
+    lines += ["", "Every repeat's rate (tokens/s), in run order, and the seconds it ran:", ""]
     for r in results:
-        secs = ", ".join(f"{k} {v:.2f}" for k, v in r.seconds.items())
-        lines.append(f"- conc {r.conc} ({r.requests} requests): {secs}")
+        lines.append(f"- conc {r.conc} ({r.requests} requests a pass):")
+        for name, runs in r.runs.items():
+            each = ", ".join(f"{rate:,.0f} ({secs:.1f} s)" for rate, secs, _ in runs)
+            lines.append(f"  - {name}: {each}")
     lines += ["", "Command:", "", "```", _command(), "```", ""]
     return "\n".join(lines)
 
@@ -409,7 +438,9 @@ def _engine_facts(ensemble) -> list[tuple[str, str]]:
     return facts
 
 
-async def _main(config: EnsembleConfig, args: argparse.Namespace, levels: list[int]) -> str:
+async def _main(
+    config: EnsembleConfig, args: argparse.Namespace, levels: list[int], repeats: int
+) -> str:
     import torch
     import vllm
 
@@ -429,7 +460,7 @@ async def _main(config: EnsembleConfig, args: argparse.Namespace, levels: list[i
         results = []
         for conc in levels:
             log.info("bench: concurrency %d", conc)
-            result = await bench.level(conc)
+            result = await bench.level(conc, repeats)
             log.info(
                 "bench: conc %d: alone %s, naive %.0f, fused %.0f tok/s",
                 conc,
@@ -442,21 +473,45 @@ async def _main(config: EnsembleConfig, args: argparse.Namespace, levels: list[i
         lens = [len(ids) for ids in bench.prompt_ids]
         facts = [
             ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
-            ("machine", f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), "
-             f"{_cpu_model()}, {platform.machine()}"),
+            (
+                "machine",
+                f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), "
+                f"{_cpu_model()}, {platform.machine()}",
+            ),
             ("load average", f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"),
-            ("software", f"Python {platform.python_version()}, vllm {vllm.__version__}, "
-             f"torch {torch.__version__}, numpy {np.__version__}"),
-            ("fusion", f"policy {args.policy}, top_k {config.fusion.top_k}, greedy, "
-             f"ignore_eos, {args.max_tokens} tokens per request"),
-            ("prompts", f"{len(lens)} distinct Python-source snippets, "
-             f"{min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}); "
-             "the same prompts for every driver"),
-            ("requests", f"max({MIN_REQUESTS}, conc) rounded up to a multiple of conc per driver "
-             f"and level, conc closed-loop workers; {WARMUP_REQUESTS} warm-up requests per driver"),
-            ("check", f"naive and router chose the same tokens on {same}/{checked} "
-             "warm-up requests"),
+            (
+                "software",
+                f"Python {platform.python_version()}, vllm {vllm.__version__}, "
+                f"torch {torch.__version__}, numpy {np.__version__}",
+            ),
+            (
+                "fusion",
+                f"policy {args.policy}, top_k {config.fusion.top_k}, greedy, "
+                f"ignore_eos, {args.max_tokens} tokens per request",
+            ),
+            (
+                "prompts",
+                f"{len(lens)} distinct Python-source snippets, "
+                f"{min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}); "
+                "the same prompts for every driver",
+            ),
+            (
+                "requests",
+                f"per driver and level: max({MIN_REQUESTS}, conc) requests rounded up to "
+                f"a multiple of conc, on conc closed-loop workers, passes repeated until "
+                f"{MIN_SECONDS:g} s have passed; every driver {repeats}× per level, interleaved, "
+                f"table = medians; {WARMUP_REQUESTS} warm-up requests per driver first",
+            ),
+            (
+                "check",
+                f"naive and router chose the same tokens on {same}/{checked} warm-up requests",
+            ),
             ("engine start", f"{started:.0f} s for {len(ensemble.members)} members"),
+            (
+                "VLLM_CPU_OMP_THREADS_BIND",
+                os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "unset (auto)")
+                + " (a member's engine.cpu_threads overrides it)",
+            ),
             *_engine_facts(ensemble),
         ]
         return render(results, ensemble.member_names, facts, args)
@@ -473,8 +528,10 @@ def run_bench(config: EnsembleConfig, args: argparse.Namespace) -> int:
     try:
         levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     except ValueError:
-        print(f"fusion bench: --concurrency: not a list of integers: {args.concurrency!r}",
-              file=sys.stderr)
+        print(
+            f"fusion bench: --concurrency: not a list of integers: {args.concurrency!r}",
+            file=sys.stderr,
+        )
         return 2
     if not levels or any(c < 1 for c in levels):
         print("fusion bench: --concurrency: levels must be integers >= 1", file=sys.stderr)
@@ -487,7 +544,11 @@ def run_bench(config: EnsembleConfig, args: argparse.Namespace) -> int:
     except PolicyError as err:
         print(f"fusion bench: --policy: {err}", file=sys.stderr)
         return 2
-    report = asyncio.run(_main(config, args, levels))
+    repeats = int(getattr(args, "repeats", None) or REPEATS)  # no CLI flag yet
+    if repeats < 1:
+        print("fusion bench: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    report = asyncio.run(_main(config, args, levels, repeats))
     print(report)
     if args.out:
         out = pathlib.Path(args.out)
