@@ -152,14 +152,19 @@ class Router:
                     self._fail(ready[i], err)
                 failed.update(rows)
                 fused[idx] = np.where(batch.mask[idx], 0.0, -np.inf)  # placeholder, unused
-        choice = sample(
-            fused,
-            batch.mask,
-            np.array([r.params.temperature for r in ready]),
-            np.array([r.params.top_p for r in ready]),
-            np.array([r.params.top_k for r in ready], dtype=np.int64),
-            np.array([r.rng.uniform() for r in ready]),
-        )  # [R] candidate index
+        temperature = np.array([r.params.temperature for r in ready])
+        uniforms = np.array([r.rng.uniform() for r in ready])  # one draw per request and step
+        if not temperature.any():  # all greedy: argmax (first max = lowest candidate index)
+            choice = np.argmax(np.where(batch.mask, fused, -np.inf), axis=-1)
+        else:
+            choice = sample(
+                fused,
+                batch.mask,
+                temperature,
+                np.array([r.params.top_p for r in ready]),
+                np.array([r.params.top_k for r in ready], dtype=np.int64),
+                uniforms,
+            )  # [R] candidate index
         self.stats.on_fuse(time.perf_counter() - t0, len(ready))
         for i, request in enumerate(ready):
             if i in failed:
