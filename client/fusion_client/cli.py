@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="policy parameter (repeatable)",
     )
+    gen.add_argument(
+        "--role",
+        dest="roles",
+        metavar="MEMBER=ROLE",
+        type=_name_role,
+        action="append",
+        default=[],
+        help="member role for the policy, e.g. alpha=expert (repeatable)",
+    )
     gen.add_argument("--max-tokens", type=int, help="default: the server default")
     gen.add_argument("--temperature", type=float, help="0: greedy (default: greedy)")
     gen.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]")
@@ -127,6 +136,14 @@ def _name_value(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
 
 
+def _name_role(text: str) -> tuple[str, str]:
+    """argparse type for MEMBER=ROLE."""
+    name, sep, role = text.partition("=")
+    if not (sep and name and role):
+        raise argparse.ArgumentTypeError(f"expected MEMBER=ROLE, got {text!r}")
+    return name, role
+
+
 def _run_server_command(command: str, argv: list[str]) -> int:
     try:
         server_cli = importlib.import_module("fusion_server.cli")
@@ -149,6 +166,7 @@ def _generate(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "weights": dict(args.weights),
         "params": dict(args.params),
+        "roles": dict(args.roles),
         "logprobs": args.logprobs,
         "member_details": args.member_details,
         "request_id": args.request_id,

@@ -48,6 +48,7 @@ def build_request(
     policy: str = "",
     weights: Mapping[str, float] | None = None,
     params: Mapping[str, float] | None = None,
+    roles: Mapping[str, str] | None = None,
     logprobs: int = 0,
     member_details: bool = False,
     request_id: str = "",
@@ -64,7 +65,9 @@ def build_request(
         stop=list(stop),
         ignore_eos=ignore_eos,
     )
-    fusion = fusion_pb2.FusionParams(policy=policy, weights=weights or {}, params=params or {})
+    fusion = fusion_pb2.FusionParams(
+        policy=policy, weights=weights or {}, params=params or {}, roles=roles or {}
+    )
     output = fusion_pb2.OutputOptions(logprobs=logprobs, member_details=member_details)
     return fusion_pb2.GenerateRequest(
         request_id=request_id, prompt=prompt, sampling=sampling, fusion=fusion, output=output
@@ -155,7 +158,7 @@ class _ClientBase:
 
 class FusionClient(_ClientBase):
     """Blocking client. `**options` of generate/generate_stream are build_request's keywords:
-    max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, policy, weights, params,
+    max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, policy, weights, params, roles,
     logprobs, member_details, request_id."""
 
     def __init__(

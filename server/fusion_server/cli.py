@@ -55,9 +55,13 @@ def _demo_models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.policies:
+        from .bench_policies import run_policy_bench
+
+        return run_policy_bench(config, args)
     from .bench import run_bench
 
-    config = load_config(args.config)
     return run_bench(config, args)
 
 
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.add_argument("--policy", default="mean")
     bench.add_argument("--out", help="also write the markdown table to this file")
+    bench.add_argument(
+        "--policies",
+        help="compare policies instead: 'name[:k=v,...];...' (numeric v: parameter, else member role), "
+        "e.g. 'mean;gate:tau=0.5,alpha=primary'",
+    )
     bench.set_defaults(func=_bench)
     return parser
 

@@ -43,7 +43,7 @@ class MemberConfig:
     name: str
     """Unique member name (used in requests' fusion.weights)."""
     model: str
-    """Hugging Face model directory (or id, where a hub is reachable)."""
+    """Hugging Face model directory (or id, where a hub is reachable), or `demo:NAME`."""
     weight: float = 1.0
     """Default fusion weight (>= 0)."""
     engine: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +76,8 @@ class FusionConfig:
     """Top candidates each member reports per step (1..128)."""
     params: dict[str, float] = field(default_factory=dict)
     """Default policy parameters."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Default member roles (member name -> role, e.g. expert / amateur / base / primary)."""
 
     def check(self, path: str) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -86,6 +88,10 @@ class FusionConfig:
             )
         if not isinstance(self.params, dict):
             raise ConfigError(f"{path}.params", "must be a mapping of name -> number")
+        if not isinstance(self.roles, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.roles.items()
+        ):
+            raise ConfigError(f"{path}.roles", "must be a mapping of member name -> role name")
 
 
 @dataclass
@@ -164,6 +170,9 @@ class EnsembleConfig:
         if sum(m.weight for m in self.members) <= 0:
             raise ConfigError("members[].weight", "at least one member needs a weight > 0")
         self.fusion.check("fusion")
+        for name in self.fusion.roles:
+            if name not in seen:
+                raise ConfigError(f"fusion.roles.{name}", "no member has this name")
         self.server.check("server")
         self.limits.check("limits")
 
@@ -213,6 +222,7 @@ class EnsembleConfig:
             model = pathlib.Path(member.model)
             if not model.is_absolute() and (path.parent / model).exists():
                 member.model = str((path.parent / model).resolve())
+        _resolve_demo_members(config)
         return config
 
     def with_engine_defaults(self, defaults: dict[str, Any]) -> EnsembleConfig:
@@ -229,6 +239,28 @@ def demo_config() -> EnsembleConfig:
     return EnsembleConfig(
         members=[MemberConfig(name=name, model=str(path)) for name, path in paths.items()],
     )
+
+
+DEMO_MODEL_PREFIX = "demo:"
+
+
+def _resolve_demo_members(config: EnsembleConfig) -> None:
+    """`model: demo:NAME` names a built-in demo member (generated once into $FUSION_CACHE)."""
+    wanted = [(i, m) for i, m in enumerate(config.members) if m.model.startswith(DEMO_MODEL_PREFIX)]
+    if not wanted:
+        return
+    from . import demo
+
+    known = [spec.name for spec in demo.DEMO_MEMBERS]
+    for i, member in wanted:
+        if member.model[len(DEMO_MODEL_PREFIX) :] not in known:
+            raise ConfigError(
+                f"members[{i}].model",
+                f"unknown demo member {member.model!r} (known: {', '.join(known)})",
+            )
+    paths = demo.ensure_demo_models()
+    for _, member in wanted:
+        member.model = str(paths[member.model[len(DEMO_MODEL_PREFIX) :]])
 
 
 def _is_number(value: Any) -> bool:

@@ -135,6 +135,7 @@ class FakeSession:
         self.in_flight = 0  # receives currently running
         self.cancelled = 0  # receives cancelled while running
         self.completed = 0  # receives that returned a top-k
+        self.prompt_nll = 0.0
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -152,7 +153,11 @@ class FakeSession:
         self.send(ids)
         return await self.receive()
 
-    def send(self, ids: list[int]) -> None:
+    def send(self, ids: list[int], prompt_nll: bool = False) -> None:
+        if prompt_nll:  # mean NLL of the prompt's tokens under the fake model
+            ids_ = list(ids)
+            lps = [self.member.model(tuple(ids_[:i]), ())[ids_[i]] for i in range(1, len(ids_))]
+            self.prompt_nll = -float(np.mean(lps)) if lps else 0.0
         if self.closed:
             raise RuntimeError(f"session {self.request_id}:{self.member.name} is closed")
         if self.unanswered:

@@ -8,7 +8,7 @@ import uuid
 from fusion_client._proto.fusion.v1 import fusion_pb2 as pb
 
 from ..config import LimitsConfig
-from ..router.request import Delta, FinishReason, GenerateParams, TokenDetail
+from ..router.request import Delta, FinishReason, GenerateParams, StepStats, TokenDetail
 from .errors import ValidationError
 
 MAX_STOP_STRINGS = 16
@@ -68,6 +68,7 @@ def params_from_pb(req: pb.GenerateRequest, limits: LimitsConfig, top_k: int) ->
         policy=req.fusion.policy,
         weights=dict(req.fusion.weights),
         params=dict(req.fusion.params),
+        roles=dict(req.fusion.roles),
         logprobs=req.output.logprobs,
         member_details=req.output.member_details,
     )
@@ -88,11 +89,30 @@ def token_to_pb(token: TokenDetail) -> pb.TokenDetail:
     )
 
 
+def stats_to_pb(stats: StepStats, member_names: list[str]) -> pb.FusionStats:
+    return pb.FusionStats(
+        fused_steps=stats.fused_steps,
+        primary_only_steps=stats.primary_only_steps,
+        members=[
+            pb.MemberStats(
+                member=name,
+                consulted_steps=stats.consulted[m],
+                top1_agreement=stats.agreed[m] / stats.consulted[m] if stats.consulted[m] else 0.0,
+            )
+            for m, name in enumerate(member_names)
+        ],
+        weights=stats.weights,
+    )
+
+
 def usage_to_pb(delta: Delta) -> pb.Usage:
     return pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
 
 
-def stream_to_pb(request_id: str, delta: Delta) -> pb.GenerateStreamResponse:
+def stream_to_pb(
+    request_id: str, delta: Delta, members: list[str] | None
+) -> pb.GenerateStreamResponse:
+    """members: the member names when member_details was asked (stats on the last message)."""
     msg = pb.GenerateStreamResponse(
         request_id=request_id,
         text=delta.text,
@@ -101,15 +121,22 @@ def stream_to_pb(request_id: str, delta: Delta) -> pb.GenerateStreamResponse:
     )
     if delta.finish_reason is not None:
         msg.usage.CopyFrom(usage_to_pb(delta))
+        if members is not None and delta.stats is not None:
+            msg.fusion_stats.CopyFrom(stats_to_pb(delta.stats, members))
     return msg
 
 
-def response_to_pb(request_id: str, deltas: list[Delta]) -> pb.GenerateResponse:
+def response_to_pb(
+    request_id: str, deltas: list[Delta], members: list[str] | None
+) -> pb.GenerateResponse:
     last = deltas[-1]
-    return pb.GenerateResponse(
+    msg = pb.GenerateResponse(
         request_id=request_id,
         text="".join(d.text for d in deltas),
         finish_reason=FINISH_TO_PB[last.finish_reason],
         usage=usage_to_pb(last),
         tokens=[token_to_pb(t) for d in deltas for t in d.tokens],
     )
+    if members is not None and last.stats is not None:
+        msg.fusion_stats.CopyFrom(stats_to_pb(last.stats, members))
+    return msg

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from fusion_client._proto.fusion.v1 import fusion_pb2 as pb
 from fusion_client._proto.fusion.v1 import fusion_pb2_grpc
 
-from ..fusion.policies import POLICIES, normalize_weights
+from ..fusion.policies import describe_policies, normalize_weights
 from ..router.request import Delta, FusionRequest, GenerateParams
 from ..router.router import Router
 from .convert import params_from_pb, response_to_pb, stream_to_pb
@@ -47,6 +47,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             {m.name: m.config.weight for m in ensemble.members},
             params.weights,
         )
+        roles = policy.validate_roles(ensemble.member_names, {**fusion.roles, **params.roles})
         prompt_ids = ensemble.encode(params.prompt)
         room = ensemble.max_model_len - len(prompt_ids)
         if room < 1:
@@ -62,6 +63,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             policy_params,
             weights,
             max_tokens=min(params.max_tokens, room),
+            roles=roles,
         )
 
     async def _fail(self, rpc: str, context, err: BaseException) -> None:
@@ -102,11 +104,16 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         request_id = ""
         async for request_id, delta in self._run(request, context, "Generate"):  # noqa: B007
             deltas.append(delta)
-        return response_to_pb(request_id, deltas)
+        return response_to_pb(request_id, deltas, self._stats_members(request))
+
+    def _stats_members(self, request: pb.GenerateRequest) -> list[str] | None:
+        if not request.output.member_details or self.router is None:
+            return None
+        return self.router.ensemble.member_names
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         async for request_id, delta in self._run(request, context, "GenerateStream"):  # noqa: B007
-            yield stream_to_pb(request_id, delta)
+            yield stream_to_pb(request_id, delta, self._stats_members(request))
 
     async def GetEnsemble(self, request: pb.GetEnsembleRequest, context) -> pb.GetEnsembleResponse:
         try:
@@ -132,20 +139,20 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             default_policy=self.config.fusion.policy,
             policies=[
                 pb.PolicyInfo(
-                    name=name,
-                    description=klass.description,
-                    params=[
-                        pb.PolicyParamInfo(
-                            name=p,
-                            default=spec.default,
-                            min=spec.min,
-                            max=spec.max,
-                            description=spec.description,
+                    name=info["name"],
+                    description=info["description"],
+                    params=[pb.PolicyParamInfo(**p) for p in info["params"]],
+                    roles=[
+                        pb.PolicyRoleInfo(
+                            name=r["name"],
+                            description=r["description"],
+                            min_members=r["min"],
+                            max_members=r["max"] or 0,
                         )
-                        for p, spec in klass.params.items()
+                        for r in info["roles"]
                     ],
                 )
-                for name, klass in POLICIES.items()
+                for info in describe_policies()
             ],
             alignment="shared-ids",
             top_k=self.config.fusion.top_k,

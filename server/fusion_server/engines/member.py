@@ -81,6 +81,9 @@ class Member:
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=False,
         )
+        # First chunk of a session whose policy weighs members by prompt perplexity.
+        self._prompt_nll_params = self._sampling_params.clone()
+        self._prompt_nll_params.prompt_logprobs = 0
 
     @property
     def running(self) -> bool:
@@ -113,24 +116,30 @@ class Session:
         self._inputs: asyncio.Queue = asyncio.Queue()
         self._outputs: AsyncIterator[Any] | None = None
         self._closed = False
+        self.prompt_nll = 0.0
 
     async def _input_stream(self):
         from vllm.engine.protocol import StreamingInput
         from vllm.inputs import TokensPrompt
 
         while True:
-            ids = await self._inputs.get()
-            if ids is _END:
+            item = await self._inputs.get()
+            if item is _END:
                 return
-            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=ids))
+            ids, params = item
+            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=ids), sampling_params=params)
 
     async def step(self, ids: list[int]) -> MemberTopK:
         """Append ids (the prompt, on the first call) and return the next top-k."""
         self.send(ids)
         return await self.receive()
 
-    def send(self, ids: list[int]) -> None:
-        """Queue ids for the engine without waiting (pair with `receive`)."""
+    def send(self, ids: list[int], prompt_nll: bool = False) -> None:
+        """Queue ids for the engine without waiting (pair with `receive`).
+
+        prompt_nll (first chunk only): also compute the member's mean negative
+        log-likelihood of these ids, left in `self.prompt_nll` by `receive`.
+        """
         if self._closed:
             raise RuntimeError(f"session {self.request_id} is closed")
         llm = self.member.llm
@@ -141,11 +150,14 @@ class Session:
                 self._input_stream(), self.member._sampling_params, self.request_id
             )
         self.num_tokens += len(ids)
-        self._inputs.put_nowait(list(ids))
+        params = self.member._prompt_nll_params if prompt_nll else None
+        self._inputs.put_nowait((list(ids), params))
 
     async def receive(self) -> MemberTopK:
         """The member's top-k for the next position after the last `send`."""
         out = await anext(self._outputs)
+        if out.prompt_logprobs:
+            self.prompt_nll = _mean_nll(out.prompt_logprobs)
         flat = out.outputs[0].logprobs
         start, end = flat.start_indices[-1], flat.end_indices[-1]
         token_ids = flat.token_ids[start:end]
@@ -168,3 +180,11 @@ class Session:
         if self._outputs is not None:
             with contextlib.suppress(Exception):
                 await self._outputs.aclose()  # aborts the request in the engine
+
+
+def _mean_nll(prompt_logprobs) -> float:
+    """Mean negative log-likelihood of the prompt's tokens (position 0 has none)."""
+    values = [lp for lp in getattr(prompt_logprobs, "logprobs", [])]
+    if not values:  # dict-per-position form
+        values = [next(iter(d.values())).logprob for d in prompt_logprobs if d]
+    return -sum(values) / len(values) if values else 0.0

@@ -41,6 +41,7 @@ class GenerateParams:
     policy: str = ""
     weights: dict[str, float] = field(default_factory=dict)
     params: dict[str, float] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
     logprobs: int = 0
     member_details: bool = False
 
@@ -62,6 +63,19 @@ class TokenDetail:
 
 
 @dataclass
+class StepStats:
+    """How a request's steps were decided (reported with member_details)."""
+
+    fused_steps: int = 0
+    primary_only_steps: int = 0
+    consulted: list[int] = field(default_factory=list)
+    """Per member: steps it was consulted."""
+    agreed: list[int] = field(default_factory=list)
+    """Per member: consulted steps where its top-1 was the chosen token."""
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Delta:
     """What one router step produced for a request (sent to the API layer)."""
 
@@ -70,6 +84,8 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    stats: StepStats | None = None
+    """Set on the last delta."""
 
 
 class FusionRequest:
@@ -83,12 +99,18 @@ class FusionRequest:
         policy_params: dict[str, float],
         weights: np.ndarray,
         max_tokens: int,
+        roles: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.params = params
         self.prompt_ids = prompt_ids
         self.policy = policy
         self.policy_params = policy_params
         self.weights = weights  # [M], sums to 1
+        self.roles = roles or {}  # role -> member indices
+        n = len(weights)
+        self.stats = StepStats(consulted=[0] * n, agreed=[0] * n)
+        self.pending: list[list[int]] = [[] for _ in range(n)]  # ids not yet sent, per member
+        self.consulted: list[bool] = [True] * n  # members whose top-k this step has
         self.max_tokens = max_tokens
         self.rng = RequestRng(make_seed() if params.seed is None else params.seed)
         self.text = TextAssembler(params.stop)

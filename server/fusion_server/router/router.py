@@ -97,14 +97,37 @@ class Router:
         request.step_task = asyncio.get_running_loop().create_task(self._step(request, ids))
 
     async def _step(self, request: FusionRequest, ids: list[int]) -> None:
-        """Step every member of one request concurrently, then mark it ready."""
+        """Step the request's members concurrently, then mark it ready.
+
+        Every member gets `ids` (appended to what it has not been sent yet). A gated
+        policy asks its primary first; the others are consulted, catching up on all
+        their pending ids in one chunk, only when the primary is unsure.
+        """
         t0 = time.perf_counter()
+        policy = request.policy
+        for pending in request.pending:
+            pending.extend(ids)
+        first = request.completion_tokens == 0
+        n = len(request.sessions)
         try:
-            # Send to every member first, then collect: the members work concurrently
-            # without a task per member.
-            for session in request.sessions:
-                session.send(ids)
-            request.tops = [await session.receive() for session in request.sessions]
+            if policy.gated:
+                primary = request.roles["primary"][0]
+                (top,) = await self._ask(request, [primary], first)
+                confident = policy.confident(_pad([top.logprobs]), [request.policy_params])[0]
+                if confident:
+                    request.consulted = [m == primary for m in range(n)]
+                    request.tops = [top] * n  # the primary decides alone
+                else:
+                    others = [m for m in range(n) if m != primary]
+                    tops = dict(zip(others, await self._ask(request, others, first), strict=True))
+                    tops[primary] = top
+                    request.consulted = [True] * n
+                    request.tops = [tops[m] for m in range(n)]
+            else:
+                request.tops = await self._ask(request, range(n), first)
+            if first and policy.needs_prompt_nll:
+                nll = np.array([s.prompt_nll for s in request.sessions])
+                request.weights = policy.prompt_weights(nll, request.weights, request.policy_params)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # engine died, engine rejected input, ...
@@ -113,6 +136,16 @@ class Router:
         self.stats.on_fanout(time.perf_counter() - t0)
         self._ready.append(request)
         self._wake.set()
+
+    @staticmethod
+    async def _ask(request: FusionRequest, members, first: bool) -> list:
+        """Send each member its pending ids, then collect their top-k (no task per member)."""
+        members = list(members)
+        want_nll = first and request.policy.needs_prompt_nll
+        for m in members:
+            request.sessions[m].send(request.pending[m], prompt_nll=want_nll)
+            request.pending[m] = []
+        return [await request.sessions[m].receive() for m in members]
 
     # -- the loop --------------------------------------------------------------
     async def _loop(self) -> None:
@@ -144,8 +177,11 @@ class Router:
             policy = ready[rows[0]].policy
             weights = np.stack([ready[i].weights for i in rows])  # [G, M]
             params = [ready[i].policy_params for i in rows]
+            args = (batch.logprobs[idx], batch.mask[idx], weights, params)
+            if policy.roles:  # older third-party policies take no roles argument
+                args += ([ready[i].roles for i in rows],)
             try:
-                fused[idx] = policy.fuse(batch.logprobs[idx], batch.mask[idx], weights, params)
+                fused[idx] = policy.fuse(*args)
             except Exception as err:  # e.g. a third-party policy: fail only its requests
                 log.exception("policy %s failed", type(policy).__name__)
                 for i in rows:
@@ -186,9 +222,17 @@ class Router:
         ensemble = self.ensemble
         token = int(batch.ids[i, c])
         request.completion_tokens += 1
-        self.stats.on_token(
-            request, [int(t.ids[0]) == token if len(t.ids) else False for t in request.tops]
-        )
+        agree = [bool(len(t.ids)) and int(t.ids[0]) == token for t in request.tops]
+        self.stats.on_token(request, agree)
+        step = request.stats
+        if all(request.consulted):
+            step.fused_steps += 1
+        else:
+            step.primary_only_steps += 1
+        for m, consulted in enumerate(request.consulted):
+            if consulted:
+                step.consulted[m] += 1
+                step.agreed[m] += agree[m]
         is_eos = token in ensemble.eos_ids and not request.params.ignore_eos
         text = "" if is_eos else request.text.push(ensemble.table[token])
         details = (
@@ -211,10 +255,16 @@ class Router:
                 finish_reason=finish,
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=request.completion_tokens,
+                stats=self._final_stats(request) if finish is not None else None,
             )
         )
         if finish is None:
             self._feed(request, [token])
+
+    def _final_stats(self, request: FusionRequest):
+        names = self.ensemble.member_names
+        request.stats.weights = {n: float(w) for n, w in zip(names, request.weights, strict=True)}
+        return request.stats
 
     @staticmethod
     def _wants_details(request: FusionRequest) -> bool:
@@ -248,5 +298,15 @@ class Router:
                     top_token_id=int(request.tops[m].ids[np.argmax(request.tops[m].logprobs)]),
                 )
                 for m, name in enumerate(self.ensemble.member_names)
+                if request.consulted[m]
             ]
         return detail
+
+
+def _pad(rows: list[np.ndarray]) -> np.ndarray:
+    """Stack 1-D arrays of different lengths into [R, K], padded with -inf."""
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), -np.inf)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out

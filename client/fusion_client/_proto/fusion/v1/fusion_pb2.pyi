@@ -37,7 +37,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class FusionParams(_message.Message):
-    __slots__ = ("policy", "weights", "params")
+    __slots__ = ("policy", "weights", "params", "roles")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,13 +52,22 @@ class FusionParams(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class RolesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
     policy: str
     weights: _containers.ScalarMap[str, float]
     params: _containers.ScalarMap[str, float]
-    def __init__(self, policy: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., params: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    roles: _containers.ScalarMap[str, str]
+    def __init__(self, policy: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., params: _Optional[_Mapping[str, float]] = ..., roles: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
     __slots__ = ("logprobs", "member_details")
@@ -110,6 +119,35 @@ class MemberTokenDetail(_message.Message):
     top_token_id: int
     def __init__(self, member: _Optional[str] = ..., logprob: _Optional[float] = ..., top_token_id: _Optional[int] = ...) -> None: ...
 
+class MemberStats(_message.Message):
+    __slots__ = ("member", "consulted_steps", "top1_agreement")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    CONSULTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    member: str
+    consulted_steps: int
+    top1_agreement: float
+    def __init__(self, member: _Optional[str] = ..., consulted_steps: _Optional[int] = ..., top1_agreement: _Optional[float] = ...) -> None: ...
+
+class FusionStats(_message.Message):
+    __slots__ = ("fused_steps", "primary_only_steps", "members", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    FUSED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ONLY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    fused_steps: int
+    primary_only_steps: int
+    members: _containers.RepeatedCompositeFieldContainer[MemberStats]
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, fused_steps: _Optional[int] = ..., primary_only_steps: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberStats, _Mapping]]] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class TokenDetail(_message.Message):
     __slots__ = ("token_id", "text", "logprob", "top_logprobs", "members")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -125,32 +163,36 @@ class TokenDetail(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., members: _Optional[_Iterable[_Union[MemberTokenDetail, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens")
+    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens", "fusion_stats")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FUSION_STATS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     finish_reason: FinishReason
     usage: Usage
     tokens: _containers.RepeatedCompositeFieldContainer[TokenDetail]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ...) -> None: ...
+    fusion_stats: FusionStats
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ..., fusion_stats: _Optional[_Union[FusionStats, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens")
+    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens", "fusion_stats")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FUSION_STATS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     finish_reason: FinishReason
     usage: Usage
     tokens: _containers.RepeatedCompositeFieldContainer[TokenDetail]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ...) -> None: ...
+    fusion_stats: FusionStats
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ..., fusion_stats: _Optional[_Union[FusionStats, _Mapping]] = ...) -> None: ...
 
 class GetEnsembleRequest(_message.Message):
     __slots__ = ()
@@ -188,15 +230,29 @@ class PolicyParamInfo(_message.Message):
     description: str
     def __init__(self, name: _Optional[str] = ..., default: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
 
+class PolicyRoleInfo(_message.Message):
+    __slots__ = ("name", "description", "min_members", "max_members")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    min_members: int
+    max_members: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_members: _Optional[int] = ..., max_members: _Optional[int] = ...) -> None: ...
+
 class PolicyInfo(_message.Message):
-    __slots__ = ("name", "description", "params")
+    __slots__ = ("name", "description", "params", "roles")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     params: _containers.RepeatedCompositeFieldContainer[PolicyParamInfo]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[PolicyParamInfo, _Mapping]]] = ...) -> None: ...
+    roles: _containers.RepeatedCompositeFieldContainer[PolicyRoleInfo]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[PolicyParamInfo, _Mapping]]] = ..., roles: _Optional[_Iterable[_Union[PolicyRoleInfo, _Mapping]]] = ...) -> None: ...
 
 class GetEnsembleResponse(_message.Message):
     __slots__ = ("members", "default_policy", "policies", "alignment", "top_k", "max_tokens_limit", "default_max_tokens")
