@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
@@ -25,17 +23,12 @@ from deploy_support import (
     one,
     server_container,
 )
+from netutil import free_port, scrape
 
 from fusion_client import FusionClient
 
 CONFIG_IN_IMAGE = "/etc/fusion/ensemble.yaml"
 OVERLAY = K8S / "overlays" / "cpu-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_argv(argv: list[str], grpc_port: int, metrics_port: int) -> list[str]:
@@ -46,16 +39,6 @@ def local_argv(argv: list[str], grpc_port: int, metrics_port: int) -> list[str]:
     out[out.index("--port") + 1] = str(grpc_port)
     out[out.index("--metrics-port") + 1] = str(metrics_port)
     return out
-
-
-def scrape(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 @pytest.mark.integration

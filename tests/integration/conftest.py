@@ -9,25 +9,18 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
+from netutil import free_port, scrape
 
 from fusion_client import FusionClient
 
 MAX_MODEL_LEN = 256  # small, so "prompt longer than the context" is cheap to test
 TOP_K = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:
@@ -45,13 +38,7 @@ class RunningServer:
 
     def metrics(self) -> dict[str, float]:
         """Sample name{labels} -> value from /metrics."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
+        return scrape(self.metrics_url)
 
     def wait_drained(self, timeout: float = 20.0) -> dict[str, float]:
         """Wait until no request runs in the router or any member engine; return metrics."""
