@@ -123,6 +123,43 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         help="server address (default: $FUSION_SERVER or %(default)s)",
     )
     parser.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="use TLS; PEM CA that signed the server certificate"
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM key of --tls-cert")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("FUSION_TOKEN"),
+        help="bearer token (default: $FUSION_TOKEN)",
+    )
+
+
+def _connect(args: argparse.Namespace) -> FusionClient:
+    """A client for the connection flags: TLS when any --tls-* is given, token as metadata."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("fusion: --tls-cert and --tls-key go together")
+    credentials = None
+    if args.tls_ca or args.tls_cert:
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as err:
+                raise SystemExit(f"fusion: cannot read {path}: {err.strerror}") from None
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.tls_ca),
+            private_key=read(args.tls_key),
+            certificate_chain=read(args.tls_cert),
+        )
+    metadata = {"authorization": f"Bearer {args.token}"} if args.token else None
+    return FusionClient(
+        args.server, timeout=args.timeout, credentials=credentials, metadata=metadata
+    )
 
 
 def _name_value(text: str) -> tuple[str, float]:
@@ -171,7 +208,7 @@ def _generate(args: argparse.Namespace) -> int:
         "member_details": args.member_details,
         "request_id": args.request_id,
     }
-    with FusionClient(args.server, timeout=args.timeout) as client:
+    with _connect(args) as client:
         if args.stream:
             _print_stream(client.generate_stream(args.prompt, **options), as_json=args.json)
             return 0
@@ -214,13 +251,13 @@ def _print_summary(
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    with FusionClient(args.server, timeout=args.timeout) as client:
+    with _connect(args) as client:
         print(_to_json(client.get_ensemble()))
     return 0
 
 
 def _health(args: argparse.Namespace) -> int:
-    with FusionClient(args.server, timeout=args.timeout) as client:
+    with _connect(args) as client:
         status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1

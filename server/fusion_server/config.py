@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,75 @@ class LimitsConfig:
 
 
 @dataclass
+class TLSConfig:
+    """TLS for the gRPC port; `client_ca_file` set means mutual TLS (client certs required)."""
+
+    cert_file: str | None = None
+    """PEM server certificate (chain)."""
+    key_file: str | None = None
+    """PEM private key of cert_file."""
+    client_ca_file: str | None = None
+    """PEM CA bundle that client certificates must chain to (set: mutual TLS)."""
+
+    def check(self, path: str) -> None:
+        for name in ("cert_file", "key_file"):
+            if not getattr(self, name):
+                raise ConfigError(f"{path}.{name}", "is required when TLS is configured")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not pathlib.Path(value).is_file():
+                raise ConfigError(f"{path}.{name}", f"no such file: {value!r}")
+
+
+@dataclass
+class AuthConfig:
+    """Bearer-token auth: every RPC but health and reflection needs a configured token."""
+
+    tokens_file: str | None = None
+    """File with one token per line (blank lines and # comments ignored)."""
+    tokens_env: str | None = None
+    """Environment variable holding comma-separated tokens."""
+
+    def check(self, path: str) -> None:
+        if not self.tokens_file and not self.tokens_env:
+            raise ConfigError(path, "set tokens_file and/or tokens_env")
+        if self.tokens_file is not None and (
+            not isinstance(self.tokens_file, str) or not pathlib.Path(self.tokens_file).is_file()
+        ):
+            raise ConfigError(f"{path}.tokens_file", f"no such file: {self.tokens_file!r}")
+        if self.tokens_env is not None and (
+            not isinstance(self.tokens_env, str) or not self.tokens_env
+        ):
+            raise ConfigError(f"{path}.tokens_env", "must be an environment variable name")
+
+    def load_tokens(self, path: str = "server.auth") -> list[str]:
+        """The configured tokens (read now); none at all is a ConfigError."""
+        tokens: list[str] = []
+        if self.tokens_file:
+            try:
+                lines = pathlib.Path(self.tokens_file).read_text().splitlines()
+            except OSError as err:
+                raise ConfigError(f"{path}.tokens_file", f"cannot read: {err}") from None
+            tokens += [t for t in (line.strip() for line in lines) if t and not t.startswith("#")]
+        if self.tokens_env:
+            raw = os.environ.get(self.tokens_env, "")
+            tokens += [t for t in (part.strip() for part in raw.split(",")) if t]
+        if not tokens:
+            where = " and ".join(
+                x
+                for x in (
+                    self.tokens_file and f"file {self.tokens_file}",
+                    self.tokens_env and f"${self.tokens_env}",
+                )
+                if x
+            )
+            raise ConfigError(path, f"auth is configured but no tokens were found in {where}")
+        return tokens
+
+
+@dataclass
 class ServerConfig:
     """Network settings."""
 
@@ -133,6 +203,10 @@ class ServerConfig:
     """Prometheus /metrics HTTP port (0 picks a free one; -1 disables)."""
     grace_seconds: float = 10.0
     """How long in-flight requests may finish after SIGTERM."""
+    tls: TLSConfig | None = None
+    """TLS / mutual TLS for the gRPC port (None: plaintext)."""
+    auth: AuthConfig | None = None
+    """Bearer-token auth (None: no auth)."""
 
     def check(self, path: str) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -143,6 +217,12 @@ class ServerConfig:
             )
         if not _is_number(self.grace_seconds) or self.grace_seconds < 0:
             raise ConfigError(f"{path}.grace_seconds", "must be a number >= 0")
+        for name, klass in (("tls", TLSConfig), ("auth", AuthConfig)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, klass):
+                raise ConfigError(f"{path}.{name}", "must be a mapping")
+            if value is not None:
+                value.check(f"{path}.{name}")
 
 
 @dataclass
@@ -203,6 +283,8 @@ class EnsembleConfig:
             if not isinstance(raw, dict):
                 raise ConfigError(key, "must be a mapping")
             _reject_unknown(raw, klass, f"{key}.")
+            if key == "server":
+                raw = _server_subsections(raw)
             sections[key] = klass(**raw)
         return cls(members=members, **sections)
 
@@ -274,6 +356,20 @@ def _reject_unknown(raw: dict, klass: type, prefix: str) -> None:
             raise ConfigError(
                 f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(known))})"
             )
+
+
+def _server_subsections(raw: dict) -> dict:
+    """`server.tls` and `server.auth` mappings -> TLSConfig / AuthConfig."""
+    raw = dict(raw)
+    for name, klass in (("tls", TLSConfig), ("auth", AuthConfig)):
+        sub = raw.get(name)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ConfigError(f"server.{name}", "must be a mapping")
+        _reject_unknown(sub, klass, f"server.{name}.")
+        raw[name] = klass(**sub)
+    return raw
 
 
 def _engine_arg_names() -> set[str]:

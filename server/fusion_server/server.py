@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from fusion_client._proto.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 
+from .api.auth import AuthInterceptor
 from .api.servicer import FusionServicer
-from .config import EnsembleConfig
+from .config import EnsembleConfig, TLSConfig
 from .metrics import PrometheusSink
 from .router.ensemble import Ensemble
 from .router.router import Router
@@ -57,11 +58,13 @@ class FusionServer:
 
     async def start(self) -> None:
         cfg = self.config.server
+        interceptors = [AuthInterceptor(cfg.auth.load_tokens())] if cfg.auth else []
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         fusion_pb2_grpc.add_FusionServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -73,7 +76,11 @@ class FusionServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls is not None:
+            self.port = server.add_secure_port(address, _server_credentials(cfg.tls))
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"server.port: cannot bind {cfg.host}:{cfg.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -123,6 +130,21 @@ class FusionServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    """TLS from PEM files; a client CA means mutual TLS with client certificates required."""
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(tls.client_ca_file) if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(read(tls.key_file), read(tls.cert_file))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 async def serve(config: EnsembleConfig) -> None:

@@ -6,6 +6,7 @@ on free ports; tests talk to it over gRPC and scrape its /metrics.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -62,10 +63,8 @@ def tiny_models(tmp_path_factory) -> dict[str, pathlib.Path]:
     return ensure_demo_models(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="session")
-def server(tiny_models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    port, metrics_port = free_port(), free_port()
+def tiny_config(models: dict[str, pathlib.Path], **sections) -> dict:
+    """An ensemble config for the tiny models on free ports; `sections` override parts."""
     config = {
         "members": [
             {
@@ -78,17 +77,25 @@ def server(tiny_models, tmp_path_factory):
                     "enforce_eager": True,
                 },
             }
-            for name, path in tiny_models.items()
+            for name, path in models.items()
         ],
         "fusion": {"policy": "mean", "top_k": TOP_K},
         "server": {
             "host": "127.0.0.1",
-            "port": port,
-            "metrics_port": metrics_port,
+            "port": free_port(),
+            "metrics_port": free_port(),
             "grace_seconds": 2,
         },
         "limits": {"max_tokens": 512, "default_max_tokens": 16, "max_concurrent_requests": 64},
     }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+@contextlib.contextmanager
+def start_server(config: dict, models: dict, tmp: pathlib.Path):
+    """Run `fusion serve` on `config` in a subprocess until SERVING; SIGTERM it after."""
     cfg = tmp / "ensemble.yaml"
     cfg.write_text(yaml.safe_dump(config))
     log = tmp / "server.log"
@@ -100,7 +107,8 @@ def server(tiny_models, tmp_path_factory):
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
         )
-    running = RunningServer(proc, port, metrics_port, log, tiny_models)
+    server = config["server"]
+    running = RunningServer(proc, server["port"], server["metrics_port"], log, models)
     try:
         with running.client() as client:
             deadline = time.monotonic() + 600
@@ -117,12 +125,21 @@ def server(tiny_models, tmp_path_factory):
                 time.sleep(0.5)
         yield running
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models, tmp_path_factory):
+    with start_server(
+        tiny_config(tiny_models), tiny_models, tmp_path_factory.mktemp("server")
+    ) as running:
+        yield running
 
 
 @pytest.fixture
