@@ -42,3 +42,10 @@ def test_server_keeps_serving_after_bad_input(client, server):
     metrics = server.metrics()
     assert metrics['fusion_requests_total{code="INVALID_ARGUMENT",rpc="Generate"}'] >= 1
     assert metrics['fusion_requests_total{code="OK",rpc="Generate"}'] >= 1
+
+
+def test_client_cannot_make_the_server_import_a_module(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("def f():", max_tokens=2, policy="fusion_server.fusion.policies:MeanPolicy")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only be set in the server config" in err.value.details()

@@ -40,7 +40,13 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         ensemble = router.ensemble
         fusion = self.config.fusion
         params: GenerateParams = params_from_pb(req, self.config.limits, fusion.top_k)
-        policy = router.policy(params.policy or fusion.policy)
+        name = params.policy or fusion.policy
+        if ":" in name and name != fusion.policy:  # never import client-chosen modules
+            raise ValidationError(
+                "fusion.policy",
+                f"{name!r}: module:Class policies can only be set in the server config (fusion.policy)",
+            )
+        policy = router.policy(name)
         policy_params = policy.validate_params({**fusion.params, **params.params})
         weights = normalize_weights(
             ensemble.member_names,
