@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 
 
@@ -22,3 +23,22 @@ def scrape(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def wait_serving(proc, client, log, budget: float, started: float | None = None) -> None:
+    """Poll `client.health()` until SERVING; fail if `proc` exits or `budget` s pass
+    (counted from `started`, a time.monotonic() value; default: now)."""
+    import pytest
+
+    started = time.monotonic() if started is None else started
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            if client.health(timeout=5) == "SERVING":
+                return
+        except Exception:
+            pass  # the port opens a moment after the process starts
+        if time.monotonic() - started > budget:
+            pytest.fail(f"server not SERVING within {budget} s:\n{log.read_text()[-5000:]}")
+        time.sleep(0.5)

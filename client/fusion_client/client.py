@@ -138,16 +138,29 @@ class _ClientBase:
 
     def __init__(
         self,
+        channels: Any,
         target: str,
         timeout: float | None,
         metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+        credentials: grpc.ChannelCredentials | None,
         options: Sequence[tuple[str, Any]],
     ) -> None:
+        """channels: the module whose channels to open (`grpc` or `grpc.aio`)."""
         self.target = target
         self.timeout = timeout
         pairs = metadata.items() if isinstance(metadata, Mapping) else metadata or ()
         self.metadata = tuple((str(k), str(v)) for k, v in pairs)
         self._options = list({**_DEFAULT_OPTIONS, **dict(options)}.items())
+        if credentials is None:
+            self.channel = channels.insecure_channel(target, options=self._options)
+        else:
+            self.channel = channels.secure_channel(target, credentials, options=self._options)
+        self.stub = fusion_pb2_grpc.FusionServiceStub(self.channel)
+        self._health = self.channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=_encode_health_request,
+            response_deserializer=_decode_health_status,
+        )
 
     def _call_kwargs(self, timeout: float | None) -> dict[str, Any]:
         return {
@@ -170,17 +183,7 @@ class FusionClient(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(target, timeout, metadata, options)
-        if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self.channel = grpc.secure_channel(target, credentials, options=self._options)
-        self.stub = fusion_pb2_grpc.FusionServiceStub(self.channel)
-        self._health = self.channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=_encode_health_request,
-            response_deserializer=_decode_health_status,
-        )
+        super().__init__(grpc, target, timeout, metadata, credentials, options)
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Any
@@ -246,17 +249,7 @@ class AsyncFusionClient(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(target, timeout, metadata, options)
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=self._options)
-        self.stub = fusion_pb2_grpc.FusionServiceStub(self.channel)
-        self._health = self.channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=_encode_health_request,
-            response_deserializer=_decode_health_status,
-        )
+        super().__init__(grpc.aio, target, timeout, metadata, credentials, options)
 
     async def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Any

@@ -23,7 +23,7 @@ from deploy_support import (
     one,
     server_container,
 )
-from netutil import free_port, scrape
+from netutil import free_port, scrape, wait_serving
 
 from fusion_client import FusionClient
 
@@ -76,17 +76,7 @@ def test_cpu_image_entrypoint_serves_the_cpu_demo_overlay_config(rendered, tmp_p
     budget = startup["periodSeconds"] * startup["failureThreshold"]
     try:
         with FusionClient(f"127.0.0.1:{grpc_port}") as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"exited {proc.returncode}:\n{log.read_text()[-5000:]}")
-                try:
-                    if client.health(timeout=5) == "SERVING":
-                        break
-                except Exception:
-                    pass  # the port opens a moment after the process starts
-                if time.monotonic() - started > budget:
-                    pytest.fail(f"not SERVING within {budget} s:\n{log.read_text()[-5000:]}")
-                time.sleep(0.5)
+            wait_serving(proc, client, log, budget=budget, started=started)
             assert client.health(timeout=5) == "SERVING"
 
             ensemble = client.get_ensemble(timeout=30)

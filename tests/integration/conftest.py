@@ -16,7 +16,7 @@ import time
 
 import pytest
 import yaml
-from netutil import free_port, scrape
+from netutil import free_port, scrape, wait_serving
 
 from fusion_client import FusionClient
 
@@ -26,16 +26,23 @@ TOP_K = 20
 
 class RunningServer:
     def __init__(
-        self, proc: subprocess.Popen, port: int, metrics_port: int, log: pathlib.Path, models: dict
+        self,
+        proc: subprocess.Popen,
+        port: int,
+        metrics_port: int,
+        log: pathlib.Path,
+        models: dict,
+        credentials=None,
     ):
         self.proc = proc
         self.target = f"127.0.0.1:{port}"
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.log = log
         self.models = models
+        self.credentials = credentials  # gRPC channel credentials (TLS servers)
 
     def client(self) -> FusionClient:
-        return FusionClient(self.target)
+        return FusionClient(self.target, credentials=self.credentials)
 
     def metrics(self) -> dict[str, float]:
         """Sample name{labels} -> value from /metrics."""
@@ -94,8 +101,11 @@ def tiny_config(models: dict[str, pathlib.Path], **sections) -> dict:
 
 
 @contextlib.contextmanager
-def start_server(config: dict, models: dict, tmp: pathlib.Path):
-    """Run `fusion serve` on `config` in a subprocess until SERVING; SIGTERM it after."""
+def start_server(config: dict, models: dict, tmp: pathlib.Path, credentials=None):
+    """Run `fusion serve` on `config` in a subprocess until SERVING; SIGTERM it after.
+
+    credentials: gRPC channel credentials for a TLS server (health is polled with them).
+    """
     cfg = tmp / "ensemble.yaml"
     cfg.write_text(yaml.safe_dump(config))
     log = tmp / "server.log"
@@ -108,21 +118,10 @@ def start_server(config: dict, models: dict, tmp: pathlib.Path):
             start_new_session=True,
         )
     server = config["server"]
-    running = RunningServer(proc, server["port"], server["metrics_port"], log, models)
+    running = RunningServer(proc, server["port"], server["metrics_port"], log, models, credentials)
     try:
         with running.client() as client:
-            deadline = time.monotonic() + 600
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except Exception:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not SERVING after 600 s:\n{log.read_text()[-5000:]}")
-                time.sleep(0.5)
+            wait_serving(proc, client, log, budget=600)
         yield running
     finally:
         if proc.poll() is None:

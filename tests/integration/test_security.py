@@ -6,18 +6,12 @@ Certificates are made here (tests/certutil.py); the server runs with server.tls
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import grpc
 import pytest
-import yaml
 from certutil import make_certs
-from netutil import free_port
+from conftest import start_server, tiny_config
 
 from fusion_client import FusionClient
 
@@ -31,25 +25,10 @@ def secure(tiny_models, tmp_path_factory):
     certs = make_certs(tmp / "certs")
     tokens = tmp / "tokens"
     tokens.write_text(f"# tokens for the test\n{TOKEN}\n\nanother-token\n")
-    port = free_port()
-    config = {
-        "members": [
-            {
-                "name": name,
-                "model": str(path),
-                "engine": {
-                    "max_model_len": 256,
-                    "kv_cache_memory_bytes": 128 * 1024**2,
-                    "enforce_eager": True,
-                },
-            }
-            for name, path in tiny_models.items()
-        ],
-        "server": {
-            "host": "127.0.0.1",
-            "port": port,
+    config = tiny_config(
+        tiny_models,
+        server={
             "metrics_port": -1,
-            "grace_seconds": 2,
             "tls": {
                 "cert_file": str(certs.server_cert),
                 "key_file": str(certs.server_key),
@@ -57,44 +36,14 @@ def secure(tiny_models, tmp_path_factory):
             },
             "auth": {"tokens_file": str(tokens)},
         },
-    }
-    cfg = tmp / "ensemble.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fusion_server", "serve", "--config", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
+    )
     mtls = grpc.ssl_channel_credentials(
         certs.read("ca"), certs.read("client_key"), certs.read("client_cert")
     )
-    state = SimpleNamespace(target=f"127.0.0.1:{port}", certs=certs, mtls=mtls, log=log, proc=proc)
-    try:
-        with FusionClient(state.target, credentials=mtls, timeout=5) as client:
-            deadline = time.monotonic() + 600
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not SERVING after 600 s:\n{log.read_text()[-5000:]}")
-                time.sleep(0.5)
-        yield state
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with start_server(config, tiny_models, tmp, credentials=mtls) as server:
+        yield SimpleNamespace(
+            target=server.target, certs=certs, mtls=mtls, log=server.log, proc=server.proc
+        )
 
 
 def _code(call) -> grpc.StatusCode:

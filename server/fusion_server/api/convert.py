@@ -52,9 +52,6 @@ def params_from_pb(req: pb.GenerateRequest, limits: LimitsConfig, top_k: int) ->
             raise ValidationError(f"sampling.stop[{i}]", "must not be empty")
     if req.output.logprobs > top_k:
         raise ValidationError("output.logprobs", f"must be <= {top_k} (the ensemble's top_k)")
-    for name, value in req.fusion.weights.items():
-        if not math.isfinite(value):
-            raise ValidationError(f"fusion.weights.{name}", "must be a finite number")
     return GenerateParams(
         request_id=req.request_id or uuid.uuid4().hex,
         prompt=req.prompt,

@@ -1,8 +1,8 @@
 """One ensemble member: a vLLM AsyncLLM engine and its per-request sessions.
 
 Contract: a Session is one resident vLLM streaming-input request. Its first
-`step(ids)` sends the prompt ids, every later `step(ids)` sends only the new ids;
-each returns the member's top-k for the next position. The engine keeps the KV
+`send(ids)` sends the prompt ids, every later `send(ids)` only the new ids; each
+`receive()` returns the member's top-k for the next position. The engine keeps the KV
 cache between steps, so no prefix is ever re-sent. This module knows nothing about
 fusion, text or other members. vLLM is imported lazily (client installs lack it).
 """
@@ -128,11 +128,6 @@ class Session:
                 return
             ids, params = item
             yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=ids), sampling_params=params)
-
-    async def step(self, ids: list[int]) -> MemberTopK:
-        """Append ids (the prompt, on the first call) and return the next top-k."""
-        self.send(ids)
-        return await self.receive()
 
     def send(self, ids: list[int], prompt_nll: bool = False) -> None:
         """Queue ids for the engine without waiting (pair with `receive`).

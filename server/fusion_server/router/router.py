@@ -42,6 +42,7 @@ class Router:
         self._ready: list[FusionRequest] = []
         self._wake = asyncio.Event()
         self._policies: dict[type[Policy], Policy] = {}
+        self._by_name: dict[str, Policy] = {}
         self._loop_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -57,26 +58,27 @@ class Router:
                 await self._loop_task
 
     def policy(self, name: str) -> Policy:
-        """The shared instance of a policy class (by name or module:Class)."""
-        klass = resolve_policy(name)
-        if klass not in self._policies:
-            self._policies[klass] = klass(self.ensemble.member_names)
-        return self._policies[klass]
+        """The shared instance of a policy class (by name or module:Class).
+
+        Names are resolved once (entry-point lookups are not cheap); names that
+        resolve to the same class share one instance, so their requests fuse together.
+        """
+        policy = self._by_name.get(name)
+        if policy is None:
+            klass = resolve_policy(name)
+            if klass not in self._policies:
+                self._policies[klass] = klass(self.ensemble.member_names)
+            policy = self._by_name[name] = self._policies[klass]
+        return policy
 
     # -- requests --------------------------------------------------------------
     def submit(self, request: FusionRequest) -> None:
         """Open the request's member sessions and send its prompt to every member."""
         if len(self.running) >= self.max_running:
             raise Overloaded(f"{len(self.running)} requests running (limit {self.max_running})")
-        sessions = []
-        try:
-            for member in self.ensemble.members:
-                sessions.append(member.open_session(request.id))
-        except BaseException:
-            for session in sessions:  # nothing was sent yet: closing is local
-                session._closed = True
-            raise
-        request.sessions = sessions
+        # open_session does no I/O (a session starts with its first send), so a
+        # member that refuses leaves nothing to clean up in the others.
+        request.sessions = [member.open_session(request.id) for member in self.ensemble.members]
         self.running[request.id] = request
         request.started = time.perf_counter()
         self.stats.on_submit()
