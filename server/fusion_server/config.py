@@ -79,10 +79,19 @@ class FusionConfig:
     """Default policy parameters."""
     roles: dict[str, str] = field(default_factory=dict)
     """Default member roles (member name -> role, e.g. expert / amateur / base / primary)."""
+    on_member_failure: str = "fail"
+    """When a member's engine dies mid-request: "fail" ends the request with
+    UNAVAILABLE; "degrade" lets it continue on the remaining members (weight 0 for the
+    lost one) unless the lost member holds a policy role or was the last one."""
 
     def check(self, path: str) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ConfigError(f"{path}.policy", "must be a policy name")
+        if self.on_member_failure not in ("fail", "degrade"):
+            raise ConfigError(
+                f"{path}.on_member_failure",
+                f'must be "fail" or "degrade", got {self.on_member_failure!r}',
+            )
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 128:
             raise ConfigError(
                 f"{path}.top_k", f"must be an integer in [1, 128], got {self.top_k!r}"
@@ -106,7 +115,12 @@ class LimitsConfig:
     max_prompt_chars: int = 100_000
     """Longest prompt accepted, in characters."""
     max_concurrent_requests: int = 256
-    """Requests generating at once; more get RESOURCE_EXHAUSTED."""
+    """Requests generating at once; more wait in the queue."""
+    max_queued_requests: int = 256
+    """Requests waiting (FIFO) for a running slot; beyond it RESOURCE_EXHAUSTED at once.
+    0 disables the queue."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message received or sent (bytes)."""
 
     def check(self, path: str) -> None:
         for name in (
@@ -114,10 +128,16 @@ class LimitsConfig:
             "default_max_tokens",
             "max_prompt_chars",
             "max_concurrent_requests",
+            "max_message_bytes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{path}.{name}", f"must be an integer >= 1, got {value!r}")
+        value = self.max_queued_requests
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f"{path}.max_queued_requests", f"must be an integer >= 0, got {value!r}"
+            )
         if self.default_max_tokens > self.max_tokens:
             raise ConfigError(f"{path}.default_max_tokens", "must be <= limits.max_tokens")
 
@@ -207,6 +227,10 @@ class ServerConfig:
     """TLS / mutual TLS for the gRPC port (None: plaintext)."""
     auth: AuthConfig | None = None
     """Bearer-token auth (None: no auth)."""
+    restart_members: bool = True
+    """Restart a member whose engine died (health is NOT_SERVING meanwhile)."""
+    log_prompts: bool = False
+    """Log each request's prompt at DEBUG level (off: prompts and outputs are never logged)."""
 
     def check(self, path: str) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -217,6 +241,9 @@ class ServerConfig:
             )
         if not _is_number(self.grace_seconds) or self.grace_seconds < 0:
             raise ConfigError(f"{path}.grace_seconds", "must be a number >= 0")
+        for name in ("restart_members", "log_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{path}.{name}", "must be true or false")
         for name, klass in (("tls", TLSConfig), ("auth", AuthConfig)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, klass):

@@ -1,7 +1,11 @@
 """Prometheus metrics: a StatsSink that turns router stats into `fusion_*` metrics.
 
-The CollectorRegistry is injected (tests use their own). Per-member gauges are read
-at scrape time from the live engines, labelled `member`.
+The CollectorRegistry is injected (tests use their own). Per-member figures carry a
+`member` label: the engines' own scheduler figures (running/waiting requests,
+KV-cache usage) arrive through a vLLM stat logger per member (engines/member.py),
+the per-member step time is measured by the member's sessions, and the count of
+requests an engine front-end still tracks is read at scrape time. The full list,
+with units and meaning, is in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -27,6 +31,34 @@ class PrometheusSink:
         )
         self.running = Gauge(
             "fusion_running_requests", "Requests generating now.", registry=registry
+        )
+        self.queued = Gauge(
+            "fusion_queued_requests",
+            "Requests waiting for a running slot (limits.max_queued_requests bounds it).",
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "fusion_time_to_first_token_seconds",
+            "Arrival (queueing included) to the first fused token.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "fusion_inter_token_latency_seconds",
+            "Time between consecutive fused tokens of one request.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "fusion_prompt_tokens_total",
+            "Prompt tokens of admitted requests (shared tokenizer's count).",
+            registry=registry,
+        )
+        self.policy_requests = Counter(
+            "fusion_policy_requests_total",
+            "Admitted requests by fusion policy in use.",
+            ["policy"],
+            registry=registry,
         )
         self.e2e = Histogram(
             "fusion_request_duration_seconds",
@@ -63,17 +95,80 @@ class PrometheusSink:
         )
         self.engine_requests = Gauge(
             "fusion_member_engine_requests",
-            "Requests the member's engine still tracks.",
+            "Requests the member's engine front-end still tracks (0 when no session leaks).",
+            ["member"],
+            registry=registry,
+        )
+        self.engine_running = Gauge(
+            "fusion_member_engine_running_requests",
+            "Requests the member engine's scheduler runs (vLLM's count at its last step).",
+            ["member"],
+            registry=registry,
+        )
+        self.engine_waiting = Gauge(
+            "fusion_member_engine_waiting_requests",
+            "Requests waiting in the member engine's scheduler.",
+            ["member"],
+            registry=registry,
+        )
+        self.kv_usage = Gauge(
+            "fusion_member_kv_cache_usage_ratio",
+            "Fraction of the member engine's KV-cache blocks in use (0-1).",
+            ["member"],
+            registry=registry,
+        )
+        self.member_step_seconds = Histogram(
+            "fusion_member_step_seconds",
+            "One session step on a member: ids sent to its top-k back.",
+            ["member"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.member_up = Gauge(
+            "fusion_member_up",
+            "1 while the member's engine runs, 0 while it is dead or restarting.",
+            ["member"],
+            registry=registry,
+        )
+        self.member_restarts = Counter(
+            "fusion_member_restarts_total",
+            "Times the member's engine was restarted after it died.",
             ["member"],
             registry=registry,
         )
 
     def track_members(self, members: list[Any]) -> None:
+        """Read engine figures from the members from now on (also after restarts)."""
         for member in members:
-            self.engine_requests.labels(member.name).set_function(member.num_engine_requests)
+            name = member.name
+            self.engine_requests.labels(name).set_function(member.num_engine_requests)
+            self.member_up.labels(name).set_function(lambda m=member: float(m.running))
+            self.member_restarts.labels(name)  # exported as 0 from the start
+            self.member_step_seconds.labels(name)
+            member.observer = self
 
-    def request_started(self) -> None:
+    # -- EngineObserver (engines/member.py) ------------------------------------
+    def engine_step(self, member: str, running: int, waiting: int, kv_usage: float) -> None:
+        self.engine_running.labels(member).set(running)
+        self.engine_waiting.labels(member).set(waiting)
+        self.kv_usage.labels(member).set(kv_usage)
+
+    def member_step(self, member: str, seconds: float) -> None:
+        self.member_step_seconds.labels(member).observe(seconds)
+
+    def member_restarted(self, member: str) -> None:
+        self.member_restarts.labels(member).inc()
+
+    # -- StatsSink (router/stats.py) -------------------------------------------
+    def request_queued(self, queued: int) -> None:
+        self.queued.set(queued)
+
+    def request_started(self, request: Any) -> None:
         self.running.inc()
+        self.prompt_tokens.inc(len(request.prompt_ids))
+        self.policy_requests.labels(
+            getattr(request.policy, "name", type(request.policy).__name__)
+        ).inc()
 
     def request_finished(self, request: Any, seconds: float) -> None:
         self.running.dec()
@@ -86,8 +181,12 @@ class PrometheusSink:
         self.fuse_seconds.observe(seconds)
         self.batch.observe(batch)
 
-    def token(self, request: Any, agree: list[bool]) -> None:
+    def token(self, request: Any, agree: list[bool], ttft: float | None, itl: float | None) -> None:
         self.generated.inc()
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if itl is not None:
+            self.itl.observe(itl)
         for name, same in zip(self.member_names, agree, strict=True):
             if same:
                 self.agree.labels(name).inc()

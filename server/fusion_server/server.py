@@ -4,6 +4,12 @@ Order of events: the gRPC port opens at once with health NOT_SERVING (so probes
 and clients get a clean UNAVAILABLE); the members start one after another; health
 turns SERVING once every engine is warm. SIGTERM/SIGINT: NOT_SERVING, stop taking
 new requests, let in-flight ones finish for `server.grace_seconds`, shut engines down.
+
+A watchdog checks the members' engines twice a second. When one has died: health
+NOT_SERVING (its in-flight requests have already failed with UNAVAILABLE, or go on
+without it under degraded fusion), the member is restarted in place (with backoff if
+the restart fails; `server.restart_members: false` leaves it down), then SERVING again
+-- the server process never restarts.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .router.stats import RouterStats
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+WATCH_SECONDS = 0.5
+RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class FusionServer:
@@ -48,7 +55,10 @@ class FusionServer:
         self.ensemble: Ensemble | None = None
         self.port = 0
         self.metrics_port = 0
+        self.sink: PrometheusSink | None = None
         self._stopped = asyncio.Event()
+        self._watchdog: asyncio.Task | None = None
+        self._member_failed = asyncio.Event()
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -62,8 +72,8 @@ class FusionServer:
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.limits.max_message_bytes),
             ],
         )
         fusion_pb2_grpc.add_FusionServiceServicer_to_server(self.servicer, server)
@@ -101,23 +111,70 @@ class FusionServer:
         )
 
         self.ensemble = await Ensemble.start(self.config)
-        sink = PrometheusSink(self.registry, self.ensemble.member_names)
+        self.sink = sink = PrometheusSink(self.registry, self.ensemble.member_names)
         sink.track_members(self.ensemble.members)
         self.servicer.on_rpc_done = lambda rpc, code: sink.requests.labels(rpc, code).inc()
+        limits = self.config.limits
         router = Router(
-            self.ensemble, self.config.limits.max_concurrent_requests, RouterStats(sink)
+            self.ensemble,
+            limits.max_concurrent_requests,
+            RouterStats(sink),
+            max_queued=limits.max_queued_requests,
+            degrade=self.config.fusion.on_member_failure == "degrade",
         )
+        router.on_engine_failure = self._member_failed.set
         router.start()
         self.servicer.router = router
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_members())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(self.ensemble.member_names)
         print(f"fusion: SERVING the ensemble [{names}] on port {self.port}", flush=True)
+
+    async def _watch_members(self) -> None:
+        """Notice dead member engines; restart them; health follows."""
+        assert self.ensemble is not None
+        while not self._stopped.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):  # woken early by a failing request
+                await asyncio.wait_for(self._member_failed.wait(), WATCH_SECONDS)
+            self._member_failed.clear()
+            dead = [m for m in self.ensemble.members if not m.running]
+            if not dead or self._stopped.is_set():
+                continue
+            names = ", ".join(m.name for m in dead)
+            log.error("member engine(s) died: %s; NOT_SERVING", names)
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            if not self.config.server.restart_members:
+                continue  # stays NOT_SERVING
+            for member in dead:
+                await self._restart(member)
+            if not self._stopped.is_set() and all(m.running for m in self.ensemble.members):
+                log.info("members restarted (%s); SERVING", names)
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _restart(self, member) -> None:
+        for attempt, pause in enumerate((0.0, *RESTART_BACKOFF)):
+            await asyncio.sleep(pause)
+            if self._stopped.is_set():
+                return
+            try:
+                await member.restart()
+            except Exception:
+                log.exception("member %s: restart %d failed", member.name, attempt + 1)
+                continue
+            if self.sink is not None:
+                self.sink.member_restarted(member.name)
+            return
+        log.error("member %s: giving up after %d restarts", member.name, attempt + 1)
 
     async def stop(self) -> None:
         """Drain and shut down: NOT_SERVING, finish in-flight requests, stop engines."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.servicer.draining = True
         if self.grpc_server is not None:

@@ -51,7 +51,26 @@ def test_metrics_pass_promtool(server, client, prometheus_bin):
         "fusion_generated_tokens_total",
         "fusion_member_agreement_total",
         "fusion_member_engine_requests",
+        "fusion_queued_requests",
+        "fusion_time_to_first_token_seconds",
+        "fusion_inter_token_latency_seconds",
+        "fusion_prompt_tokens_total",
+        "fusion_policy_requests_total",
+        "fusion_member_engine_running_requests",
+        "fusion_member_engine_waiting_requests",
+        "fusion_member_kv_cache_usage_ratio",
+        "fusion_member_step_seconds",
+        "fusion_member_up",
+        "fusion_member_restarts_total",
     } <= names
+    samples = server.metrics()
+    for member in server.models:  # every member's engine figures, labelled, side by side
+        assert samples[f'fusion_member_up{{member="{member}"}}'] == 1
+        assert samples[f'fusion_member_step_seconds_count{{member="{member}"}}'] >= 5
+        assert f'fusion_member_kv_cache_usage_ratio{{member="{member}"}}' in samples
+    assert samples['fusion_policy_requests_total{policy="mean"}'] >= 1
+    assert samples["fusion_time_to_first_token_seconds_count"] >= 1
+    assert samples["fusion_inter_token_latency_seconds_count"] >= 3
 
 
 def _query(port: int, expr: str) -> float | None:

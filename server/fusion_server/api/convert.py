@@ -118,6 +118,8 @@ def stream_to_pb(
     )
     if delta.finish_reason is not None:
         msg.usage.CopyFrom(usage_to_pb(delta))
+        if delta.stats is not None:
+            msg.members.extend(delta.stats.members)
         if members is not None and delta.stats is not None:
             msg.fusion_stats.CopyFrom(stats_to_pb(delta.stats, members))
     return msg
@@ -134,6 +136,8 @@ def response_to_pb(
         usage=usage_to_pb(last),
         tokens=[token_to_pb(t) for d in deltas for t in d.tokens],
     )
+    if last.stats is not None:
+        msg.members.extend(last.stats.members)
     if members is not None and last.stats is not None:
         msg.fusion_stats.CopyFrom(stats_to_pb(last.stats, members))
     return msg

@@ -15,7 +15,7 @@ import grpc
 from ..config import ConfigError
 from ..engines.member import EngineUnavailable
 from ..fusion.policies import PolicyError
-from ..router.router import Overloaded
+from ..router.router import Overloaded, is_engine_failure
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {err}"
     if isinstance(err, (NotReady, EngineUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(err)
-    if type(err).__name__ in ("EngineDeadError", "EngineGenerateError"):
+    if is_engine_failure(err):
         return grpc.StatusCode.UNAVAILABLE, f"a member engine failed: {type(err).__name__}"
     incident = uuid.uuid4().hex[:12]
     log.error("internal error (incident %s)", incident, exc_info=err)

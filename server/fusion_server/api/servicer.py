@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -83,10 +84,15 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         """Submit a request and yield its deltas; always releases its sessions."""
         try:
             request = self._build(req)
-            self._router().submit(request)
+            await self._router().admit(request)  # may wait in the queue
+        except asyncio.CancelledError:  # left the queue: cancelled or past its deadline
+            self.on_rpc_done(rpc, "CANCELLED")
+            raise
         except Exception as err:
             await self._fail(rpc, context, err)
             return
+        if self.config.server.log_prompts:
+            log.debug("request %s prompt: %r", request.id, request.params.prompt)
         outcome = "CANCELLED"  # unless it finishes or fails below
         try:
             while True:

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,6 +31,46 @@ class EngineUnavailable(RuntimeError):
     """The member's engine is not running (not started, shut down or dead)."""
 
 
+class EngineObserver(Protocol):
+    """Receives per-member engine figures (metrics.py turns them into gauges)."""
+
+    def engine_step(self, member: str, running: int, waiting: int, kv_usage: float) -> None:
+        """vLLM's scheduler figures, once per engine output batch."""
+
+    def member_step(self, member: str, seconds: float) -> None:
+        """One session step: send to the member's top-k back."""
+
+
+def _stat_logger_factory(member: Member):
+    """A vLLM StatLoggerBase factory reporting scheduler figures to `member.observer`.
+
+    vLLM's own Prometheus logger keeps one global registry (a second engine in the
+    process unregisters the first one's metrics), so the members report through
+    this logger instead and metrics.py labels the figures with the member's name.
+    Streaming-input sessions waiting for their next chunk are not "running" in
+    vLLM's count.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class MemberStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None and member.observer is not None:
+                member.observer.engine_step(
+                    member.name,
+                    scheduler_stats.num_running_reqs,
+                    scheduler_stats.num_waiting_reqs,
+                    scheduler_stats.kv_cache_usage,
+                )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return MemberStatLogger
+
+
 class Member:
     """A named vLLM engine hosting one source model."""
 
@@ -40,10 +81,17 @@ class Member:
         self.llm: Any = None
         self.max_model_len = 0
         self.vocab_size = 0
+        self.restarts = 0
+        self.observer: EngineObserver | None = None
         self._sampling_params: Any = None
 
     async def start(self) -> None:
-        """Start the engine (its EngineCore process) and wait until it is ready."""
+        """Start the engine (its EngineCore process) and wait until it is ready.
+
+        The engine is built in a worker thread (vLLM's start-up blocks for seconds
+        to minutes), so the event loop keeps serving health checks and the other
+        members' requests meanwhile.
+        """
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.sampling_params import RequestOutputKind
@@ -63,7 +111,9 @@ class Member:
         if threads is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(threads)
         try:
-            self.llm = AsyncLLM.from_engine_args(args)
+            self.llm = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, args, stat_loggers=[_stat_logger_factory(self)]
+            )
         finally:
             if threads is not None:
                 if saved is None:
@@ -84,6 +134,21 @@ class Member:
         # First chunk of a session whose policy weighs members by prompt perplexity.
         self._prompt_nll_params = self._sampling_params.clone()
         self._prompt_nll_params.prompt_logprobs = 0
+        log.info("member %s: engine process %s", self.name, self.engine_pid)
+
+    @property
+    def engine_pid(self) -> int | None:
+        """PID of the member's EngineCore process (None when not started)."""
+        try:
+            return self.llm.engine_core.resources.engine_manager.processes[0].pid
+        except (AttributeError, IndexError):
+            return None
+
+    async def restart(self) -> None:
+        """Replace a dead (or live) engine with a fresh one."""
+        self.shutdown()
+        self.restarts += 1
+        await self.start()
 
     @property
     def running(self) -> bool:
@@ -101,9 +166,12 @@ class Member:
         return len(self.llm.output_processor.request_states)
 
     def shutdown(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            try:
+                llm.shutdown()
+            except Exception:  # a dead engine may fail to shut down cleanly
+                log.exception("member %s: engine shutdown failed", self.name)
 
 
 class Session:
@@ -116,6 +184,7 @@ class Session:
         self._inputs: asyncio.Queue = asyncio.Queue()
         self._outputs: AsyncIterator[Any] | None = None
         self._closed = False
+        self._sent_at = 0.0
         self.prompt_nll = 0.0
 
     async def _input_stream(self):
@@ -145,12 +214,16 @@ class Session:
                 self._input_stream(), self.member._sampling_params, self.request_id
             )
         self.num_tokens += len(ids)
+        self._sent_at = time.perf_counter()
         params = self.member._prompt_nll_params if prompt_nll else None
         self._inputs.put_nowait((list(ids), params))
 
     async def receive(self) -> MemberTopK:
         """The member's top-k for the next position after the last `send`."""
         out = await anext(self._outputs)
+        observer = self.member.observer
+        if observer is not None:
+            observer.member_step(self.member.name, time.perf_counter() - self._sent_at)
         if out.prompt_logprobs:
             self.prompt_nll = _mean_nll(out.prompt_logprobs)
         flat = out.outputs[0].logprobs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,8 @@ class StepStats:
     agreed: list[int] = field(default_factory=list)
     """Per member: consulted steps where its top-1 was the chosen token."""
     weights: dict[str, float] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
+    """Members fused up to the end (all but those dropped by degraded fusion)."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ class FusionRequest:
         self.stats = StepStats(consulted=[0] * n, agreed=[0] * n)
         self.pending: list[list[int]] = [[] for _ in range(n)]  # ids not yet sent, per member
         self.consulted: list[bool] = [True] * n  # members whose top-k this step has
+        self.dropped: set[int] = set()  # members lost mid-request (degraded fusion)
         self.max_tokens = max_tokens
         self.rng = RequestRng(make_seed() if params.seed is None else params.seed)
         self.text = TextAssembler(params.stop)
@@ -120,7 +124,9 @@ class FusionRequest:
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
         self.step_task: asyncio.Task | None = None
-        self.started = 0.0
+        self.arrived = time.perf_counter()  # accepted by the API (queueing counts)
+        self.started = 0.0  # admitted to run
+        self.last_token_at: float | None = None
         self.events: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
     @property

@@ -6,18 +6,31 @@ request's members have returned their top-k for the next position, the request i
 in one vectorised call, then advances each (stops, text delta, feed the chosen token
 to every member). Requests never wait for each other: a request that is ready joins
 the next batch, one still waiting on its members joins a later one.
+
+Admission: at most `max_running` requests hold member sessions; up to `max_queued`
+more wait in a FIFO queue for a slot (a cancelled or timed-out waiter just leaves it);
+beyond that `admit` raises Overloaded at once.
+
+Member failure: a member whose session fails (its engine died) ends the request
+(the error maps to UNAVAILABLE), or, with `degrade`, is dropped from that request:
+weight 0, an empty top-k (the no-opinion fill) from then on, and the request's
+`members_left` says who remains. A member holding a policy role, or the last live
+member, cannot be dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
-from ..fusion.candidates import align_shared
+from ..engines.member import EngineUnavailable
+from ..fusion.candidates import MemberTopK, align_shared
 from ..fusion.policies import Policy, resolve_policy
 from ..fusion.sampler import sample
 from .ensemble import Ensemble
@@ -34,11 +47,24 @@ class Overloaded(RuntimeError):
 class Router:
     """Owns the decode loop over an Ensemble of started members."""
 
-    def __init__(self, ensemble: Ensemble, max_running: int, stats: RouterStats | None = None):
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        max_running: int,
+        stats: RouterStats | None = None,
+        max_queued: int = 0,
+        degrade: bool = False,
+    ):
         self.ensemble = ensemble
         self.max_running = max_running
+        self.max_queued = max_queued
+        self.degrade = degrade
         self.stats = stats or RouterStats()
         self.running: dict[str, FusionRequest] = {}
+        self._queue: collections.deque[asyncio.Future] = collections.deque()
+        self._granted = 0  # slots handed to queued requests that have not submitted yet
+        # Called when a member's engine fails under a request (the server's watchdog).
+        self.on_engine_failure: Callable[[], None] = lambda: None
         self._ready: list[FusionRequest] = []
         self._wake = asyncio.Event()
         self._policies: dict[type[Policy], Policy] = {}
@@ -72,16 +98,60 @@ class Router:
         return policy
 
     # -- requests --------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return sum(not slot.done() for slot in self._queue)
+
+    def _has_room(self) -> bool:
+        return len(self.running) + self._granted < self.max_running
+
+    async def admit(self, request: FusionRequest) -> None:
+        """Submit the request now, or after waiting in the bounded queue for a slot."""
+        if not self._queue and self._has_room():
+            self.submit(request)
+            return
+        if self.queued >= self.max_queued:
+            raise Overloaded(
+                f"{len(self.running)} requests running and {self.queued} queued "
+                f"(limits {self.max_running} and {self.max_queued})"
+            )
+        slot = asyncio.get_running_loop().create_future()
+        self._queue.append(slot)
+        self.stats.on_queue(self.queued)
+        try:
+            await slot
+        except asyncio.CancelledError:  # the caller left (cancelled, deadline)
+            if slot.done() and not slot.cancelled():  # granted meanwhile: pass it on
+                self._granted -= 1
+                self._grant()
+            self.stats.on_queue(self.queued)
+            raise
+        self._granted -= 1
+        try:
+            self.submit(request)
+        except BaseException:
+            self._grant()
+            raise
+
+    def _grant(self) -> None:
+        """Hand free running slots to the oldest waiters."""
+        while self._queue and self._has_room():
+            slot = self._queue.popleft()
+            if not slot.done():
+                self._granted += 1
+                slot.set_result(None)
+        self.stats.on_queue(self.queued)
+
     def submit(self, request: FusionRequest) -> None:
         """Open the request's member sessions and send its prompt to every member."""
-        if len(self.running) >= self.max_running:
+        if not self._has_room():
             raise Overloaded(f"{len(self.running)} requests running (limit {self.max_running})")
         # open_session does no I/O (a session starts with its first send), so a
         # member that refuses leaves nothing to clean up in the others.
         request.sessions = [member.open_session(request.id) for member in self.ensemble.members]
         self.running[request.id] = request
         request.started = time.perf_counter()
-        self.stats.on_submit()
+        self.stats.on_submit(request)
         self._feed(request, request.prompt_ids)
 
     async def release(self, request: FusionRequest) -> None:
@@ -94,6 +164,7 @@ class Router:
             await asyncio.wait({task})  # lets a cancellation of our caller through
         await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
         self.stats.on_release(request)
+        self._grant()
 
     def _feed(self, request: FusionRequest, ids: list[int]) -> None:
         request.step_task = asyncio.get_running_loop().create_task(self._step(request, ids))
@@ -123,31 +194,67 @@ class Router:
                     others = [m for m in range(n) if m != primary]
                     tops = dict(zip(others, await self._ask(request, others, first), strict=True))
                     tops[primary] = top
-                    request.consulted = [True] * n
+                    request.consulted = [m not in request.dropped for m in range(n)]
                     request.tops = [tops[m] for m in range(n)]
             else:
                 request.tops = await self._ask(request, range(n), first)
+                request.consulted = [m not in request.dropped for m in range(n)]
             if first and policy.needs_prompt_nll:
                 nll = np.array([s.prompt_nll for s in request.sessions])
                 request.weights = policy.prompt_weights(nll, request.weights, request.policy_params)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # engine died, engine rejected input, ...
+            if is_engine_failure(err):
+                self.on_engine_failure()
             self._fail(request, err)
             return
         self.stats.on_fanout(time.perf_counter() - t0)
         self._ready.append(request)
         self._wake.set()
 
-    @staticmethod
-    async def _ask(request: FusionRequest, members, first: bool) -> list:
-        """Send each member its pending ids, then collect their top-k (no task per member)."""
+    async def _ask(self, request: FusionRequest, members, first: bool) -> list:
+        """Send each member its pending ids, then collect their top-k (no task per member).
+
+        A dropped member (degraded request) answers with an empty top-k.
+        """
         members = list(members)
         want_nll = first and request.policy.needs_prompt_nll
+        asked = []
         for m in members:
-            request.sessions[m].send(request.pending[m], prompt_nll=want_nll)
+            if m in request.dropped:
+                continue
+            try:
+                request.sessions[m].send(request.pending[m], prompt_nll=want_nll)
+                asked.append(m)
+            except Exception as err:
+                self._drop(request, m, err)
             request.pending[m] = []
-        return [await request.sessions[m].receive() for m in members]
+        tops = {}
+        for m in asked:
+            try:
+                tops[m] = await request.sessions[m].receive()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                self._drop(request, m, err)
+        return [tops.get(m, _NO_OPINION) for m in members]
+
+    def _drop(self, request: FusionRequest, m: int, err: Exception) -> None:
+        """Continue `request` without member m, or re-raise `err` when that is not allowed."""
+        holds_role = any(m in members for members in request.roles.values())
+        left = len(request.sessions) - len(request.dropped) - 1
+        if not (self.degrade and is_engine_failure(err)) or holds_role or left < 1:
+            raise err
+        self.on_engine_failure()
+        name = self.ensemble.member_names[m]
+        log.warning("request %s continues without member %s: %s", request.id, name, err)
+        request.dropped.add(m)
+        live = np.array([i not in request.dropped for i in range(len(request.sessions))], float)
+        weights = request.weights * live
+        if weights.sum() <= 0:  # the lost member had all the weight: share it evenly
+            weights = live
+        request.weights = weights / weights.sum()
 
     # -- the loop --------------------------------------------------------------
     async def _loop(self) -> None:
@@ -227,7 +334,7 @@ class Router:
         agree = [bool(len(t.ids)) and int(t.ids[0]) == token for t in request.tops]
         self.stats.on_token(request, agree)
         step = request.stats
-        if all(request.consulted):
+        if all(c or m in request.dropped for m, c in enumerate(request.consulted)):
             step.fused_steps += 1
         else:
             step.primary_only_steps += 1
@@ -266,6 +373,7 @@ class Router:
     def _final_stats(self, request: FusionRequest):
         names = self.ensemble.member_names
         request.stats.weights = {n: float(w) for n, w in zip(names, request.weights, strict=True)}
+        request.stats.members = [n for m, n in enumerate(names) if m not in request.dropped]
         return request.stats
 
     @staticmethod
@@ -303,6 +411,18 @@ class Router:
                 if request.consulted[m]
             ]
         return detail
+
+
+def is_engine_failure(err: BaseException) -> bool:
+    """A member engine died or is down (as opposed to a bad input or a bug)."""
+    return isinstance(err, EngineUnavailable) or type(err).__name__ in (
+        "EngineDeadError",
+        "EngineGenerateError",
+    )
+
+
+_NO_OPINION = MemberTopK(ids=np.empty(0, np.int64), logprobs=np.empty(0))
+"""A dropped member's top-k: nothing reported, so alignment gives it the no-opinion fill."""
 
 
 def _pad(rows: list[np.ndarray]) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Plain router statistics; a metrics logger (metrics.py) turns them into Prometheus.
 
 Contract: the router calls the `on_*` hooks; this class keeps cheap running totals
-(read by tests and the benchmark) and forwards each event to an optional sink.
+(read by tests and the benchmark), derives per-request latencies (time to first
+token from arrival, including any queueing; inter-token latency between a request's
+consecutive tokens) and forwards each event to an optional sink.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from typing import Any, Protocol
 
 
 class StatsSink(Protocol):
-    def request_started(self) -> None: ...
+    def request_queued(self, queued: int) -> None: ...
+    def request_started(self, request: Any) -> None: ...
     def request_finished(self, request: Any, seconds: float) -> None: ...
     def fanout(self, seconds: float) -> None: ...
     def fused(self, seconds: float, batch: int) -> None: ...
-    def token(self, request: Any, agree: list[bool]) -> None: ...
+    def token(
+        self, request: Any, agree: list[bool], ttft: float | None, itl: float | None
+    ) -> None: ...
 
 
 class RouterStats:
@@ -29,10 +34,14 @@ class RouterStats:
         self.fused_rows = 0
         self.fuse_seconds = 0.0
 
-    def on_submit(self) -> None:
+    def on_queue(self, queued: int) -> None:
+        if self.sink:
+            self.sink.request_queued(queued)
+
+    def on_submit(self, request: Any) -> None:
         self.requests += 1
         if self.sink:
-            self.sink.request_started()
+            self.sink.request_started(request)
 
     def on_release(self, request: Any) -> None:
         if self.sink:
@@ -51,5 +60,9 @@ class RouterStats:
 
     def on_token(self, request: Any, agree: list[bool]) -> None:
         self.tokens += 1
+        now = time.perf_counter()
+        last, request.last_token_at = request.last_token_at, now
         if self.sink:
-            self.sink.token(request, agree)
+            ttft = now - request.arrived if last is None else None
+            itl = None if last is None else now - last
+            self.sink.token(request, agree, ttft, itl)

@@ -163,36 +163,40 @@ class TokenDetail(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., members: _Optional[_Iterable[_Union[MemberTokenDetail, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens", "fusion_stats")
+    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens", "fusion_stats", "members")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FUSION_STATS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     finish_reason: FinishReason
     usage: Usage
     tokens: _containers.RepeatedCompositeFieldContainer[TokenDetail]
     fusion_stats: FusionStats
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ..., fusion_stats: _Optional[_Union[FusionStats, _Mapping]] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ..., fusion_stats: _Optional[_Union[FusionStats, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens", "fusion_stats")
+    __slots__ = ("request_id", "text", "finish_reason", "usage", "tokens", "fusion_stats", "members")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FUSION_STATS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     finish_reason: FinishReason
     usage: Usage
     tokens: _containers.RepeatedCompositeFieldContainer[TokenDetail]
     fusion_stats: FusionStats
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ..., fusion_stats: _Optional[_Union[FusionStats, _Mapping]] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenDetail, _Mapping]]] = ..., fusion_stats: _Optional[_Union[FusionStats, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetEnsembleRequest(_message.Message):
     __slots__ = ()
