@@ -25,6 +25,7 @@ SERVER_COMMANDS = {
     "serve": "run the fusion gRPC server (needs the server extra)",
     "bench": "benchmark a server or an ensemble (needs the server extra)",
     "demo-models": "make tiny demo models offline (needs the server extra)",
+    "distill": "distil the ensemble into one student model (needs the server extra)",
 }
 
 _SERVER_EXTRA_HINT = "pip install 'fusion-serve[cpu]' (or [gpu] on CUDA)"

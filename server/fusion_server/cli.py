@@ -94,7 +94,93 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 'mean;gate:tau=0.5,alpha=primary'",
     )
     bench.set_defaults(func=_bench)
+    _add_distill(sub)
     return parser
+
+
+def _add_distill(sub) -> None:
+    from .distill.train import TrainSettings
+
+    d = TrainSettings()
+    p = sub.add_parser(
+        "distill", help="distil the ensemble into one student model (Hugging Face directory)"
+    )
+    p.add_argument("--config", help="ensemble YAML file (default: the demo ensemble)")
+    p.add_argument(
+        "--data", required=True, help="training text: .txt/.py/.md file, .jsonl or directory"
+    )
+    p.add_argument(
+        "--student",
+        required=True,
+        help="member name, Hugging Face directory, or new:tiny|small|<hidden>x<layers>",
+    )
+    p.add_argument("--out", required=True, help="export directory (written atomically)")
+    p.add_argument("--work-dir", help="teacher cache and checkpoints (default: OUT.work); resumes")
+    p.add_argument("--mode", choices=("token", "sequence"), default="token")
+    p.add_argument(
+        "--prompts", help="sequence mode: prompts (.txt one document, .jsonl, or directory)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
+    p.add_argument("--top-k", type=int, default=20, help="teacher top-k kept per position")
+    p.add_argument(
+        "--eval-data", help="held-out text: bits per byte before/after, members, ensemble"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for the student (cpu, cuda)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--ce-weight", type=float, default=d.ce_weight)
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stop-after", type=int, help="stop after N steps of this run (resume later)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_distill)
+
+
+def _distill(args) -> int:
+    from .distill.data import DistillError
+    from .distill.run import DistillSettings, distill
+    from .distill.train import TrainSettings
+
+    train = TrainSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ce_weight=args.ce_weight,
+        kl_weight=args.kl_weight,
+        clip_norm=args.clip_norm,
+        weight_decay=args.weight_decay,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        stop_after=args.stop_after,
+    )
+    settings = DistillSettings(
+        data=args.data,
+        student=args.student,
+        out=args.out,
+        work_dir=args.work_dir,
+        mode=args.mode,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        seq_len=args.seq_len,
+        top_k=args.top_k,
+        eval_data=args.eval_data,
+        device=args.device,
+        progress=not args.no_progress,
+        train=train,
+    )
+    try:
+        result = distill(settings, load_config(args.config))
+    except DistillError as err:
+        print(f"fusion distill: {err}", file=sys.stderr)
+        return 2
+    return 0 if result.get("finished") else 3
 
 
 SERVER_MODULES = (

@@ -1,0 +1,187 @@
+"""The teacher signal: the ensemble's fused top-k distribution at every position.
+
+Contract: for each packed training row (token ids in the ensemble's shared
+vocabulary), every member runs one teacher-forced prefill (`Member.score`:
+prompt_logprobs = top_k, no decoding); the per-position top-k lists are aligned
+(`align_shared`, the no-opinion fill for unreported candidates) and fused by the
+configured policy exactly as a Generate step fuses them. The fused distribution over
+the candidates is cut to its `top_k` best and renormalised: that is the teacher q_t
+for position t (the next-token distribution after ids[:t+1]).
+
+Gated policies: where the primary is confident the primary's row stands for every
+member (it decides alone in Generate). packllm: member weights from each member's mean
+NLL of the row.
+
+Rows are computed in shards of `rows_per_shard` and written atomically
+(`shard-00000.npz`: ids [S, L-1, k] int32, logprobs [S, L-1, k] float32, -inf padding),
+next to a manifest naming what they were computed from (data hash, members, policy,
+row length, top_k). A rerun with the same manifest reuses the finished shards
+(resume); a different manifest is refused rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..fusion.candidates import MemberTopK, align_shared
+from ..fusion.policies import Policy
+from .data import DistillError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TeacherChoice:
+    """The fusion the teacher applies: policy instance, params, weights, roles."""
+
+    policy: Policy
+    params: dict[str, float]
+    weights: np.ndarray
+    roles: dict[str, tuple[int, ...]]
+
+
+def fused_topk(
+    choice: TeacherChoice,
+    actual: np.ndarray,
+    top_ids: np.ndarray,
+    top_logprobs: np.ndarray,
+    vocab_size: int,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused top-k at every position.
+
+    actual: [M, N] each member's log-prob of the actual next token (packllm weights),
+    top_ids / top_logprobs: [M, N, K]. Returns ids [N, k] and log-probs [N, k]
+    renormalised over the k kept (-inf and id 0 where fewer candidates exist).
+    """
+    n_mem, n_pos, _ = top_ids.shape
+    tops = [
+        [MemberTopK(ids=top_ids[m, t], logprobs=top_logprobs[m, t]) for m in range(n_mem)]
+        for t in range(n_pos)
+    ]
+    batch = align_shared(tops, vocab_size)
+    logprobs = batch.logprobs.copy()  # [N, M, C]
+    policy = choice.policy
+    weights = choice.weights
+    if policy.needs_prompt_nll:
+        weights = policy.prompt_weights(-actual.mean(axis=1), weights, choice.params)
+    if policy.gated:
+        (primary,) = choice.roles["primary"]
+        confident = policy.confident(top_logprobs[primary], [choice.params] * n_pos)
+        logprobs[confident] = logprobs[confident, primary][:, None, :]
+    args: tuple[Any, ...] = (
+        logprobs,
+        batch.mask,
+        np.tile(weights, (n_pos, 1)),
+        [choice.params] * n_pos,
+    )
+    if policy.roles:
+        args += ([choice.roles] * n_pos,)
+    fused = np.where(batch.mask, policy.fuse(*args), -np.inf)  # [N, C]
+    kk = min(k, fused.shape[1])
+    order = np.argsort(-fused, axis=1, kind="stable")[:, :kk]  # [N, kk]
+    rows = np.arange(n_pos)[:, None]
+    ids = np.where(batch.mask[rows, order], batch.ids[rows, order], 0)
+    lps = fused[rows, order]
+    top = lps.max(axis=1, keepdims=True)
+    lps = lps - top - np.log(np.exp(lps - top).sum(axis=1, keepdims=True))
+    if kk < k:
+        ids = np.pad(ids, ((0, 0), (0, k - kk)))
+        lps = np.pad(lps, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+    return ids, lps
+
+
+class TeacherCache:
+    """Shards of the teacher signal in `root`, with a manifest guarding reuse."""
+
+    def __init__(self, root: pathlib.Path, manifest: dict, num_rows: int, rows_per_shard: int):
+        self.root = root
+        self.manifest = {**manifest, "num_rows": num_rows, "rows_per_shard": rows_per_shard}
+        self.num_rows = num_rows
+        self.rows_per_shard = rows_per_shard
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / MANIFEST
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != self.manifest:
+                changed = sorted(
+                    k for k in {*old, *self.manifest} if old.get(k) != self.manifest.get(k)
+                )
+                raise DistillError(
+                    f"{root}: teacher cache was made from other inputs ({', '.join(changed)} "
+                    "differ); use another --work-dir or delete it"
+                )
+        else:
+            _atomic_write(path, json.dumps(self.manifest, indent=1).encode())
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    def shard_path(self, i: int) -> pathlib.Path:
+        return self.root / f"shard-{i:05d}.npz"
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.num_shards) if not self.shard_path(i).exists()]
+
+    def rows_of(self, i: int) -> range:
+        return range(i * self.rows_per_shard, min((i + 1) * self.rows_per_shard, self.num_rows))
+
+    def save(self, i: int, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        tmp = self.shard_path(i).with_suffix(".tmp.npz")
+        np.savez(tmp, ids=ids.astype(np.int32), logprobs=logprobs.astype(np.float32))
+        os.replace(tmp, self.shard_path(i))
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """All shards: ids [R, L-1, k] int64 and logprobs [R, L-1, k] float32."""
+        parts = [np.load(self.shard_path(i)) for i in range(self.num_shards)]
+        return (
+            np.concatenate([p["ids"] for p in parts]).astype(np.int64),
+            np.concatenate([p["logprobs"] for p in parts]),
+        )
+
+
+async def fill_cache(
+    cache: TeacherCache,
+    rows: list[list[int]],
+    members: list,
+    choice: TeacherChoice,
+    vocab_size: int,
+    top_k: int,
+    progress=None,
+) -> None:
+    """Compute every missing shard with the started `members` (concurrently per row)."""
+    for i in cache.missing():
+        ids, lps = [], []
+
+        async def one(r: int):
+            outs = await asyncio.gather(*(m.score(f"distill-{r}", rows[r], top_k) for m in members))
+            actual = np.stack([o[0] for o in outs])
+            return fused_topk(
+                choice,
+                actual,
+                np.stack([o[1] for o in outs]),
+                np.stack([o[2] for o in outs]),
+                vocab_size,
+                top_k,
+            )
+
+        for row_ids, row_lps in await asyncio.gather(*(one(r) for r in cache.rows_of(i))):
+            ids.append(row_ids)
+            lps.append(row_lps)
+            if progress is not None:
+                progress.update(1)
+        cache.save(i, np.stack(ids), np.stack(lps))
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,247 @@
+"""Distillation pieces without engines: data, schedule, teacher fusion, cache, training
+resume, atomic export, student vocabulary check."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from fusion_server.config import EnsembleConfig, FusionConfig, MemberConfig
+from fusion_server.distill.data import DistillError, load_documents, pack
+from fusion_server.distill.export import METADATA, export_student
+from fusion_server.distill.run import resolve_student, teacher_choice
+from fusion_server.distill.teacher import TeacherCache, fused_topk
+from fusion_server.distill.train import TrainSettings, batch_rows, lr_factor, train
+
+
+# -- data ------------------------------------------------------------------------------
+def test_load_documents_kinds_and_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "t1"}\n\n{"prompt": "p", "completion": "c"}\n')
+    ds = load_documents(tmp_path)
+    assert ds.documents == ["hello\n", "t1", "pc"]
+    assert ds.sha256 == load_documents(tmp_path).sha256
+    (tmp_path / "a.txt").write_text("hello!\n")
+    assert load_documents(tmp_path).sha256 != ds.sha256
+
+    with pytest.raises(DistillError, match="does not exist"):
+        load_documents(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DistillError, match="empty data"):
+        load_documents(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(DistillError, match=r"bad.jsonl:1"):
+        load_documents(tmp_path / "bad.jsonl")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(DistillError, match="not UTF-8"):
+        load_documents(tmp_path / "bin.txt")
+
+
+def test_pack_rows():
+    assert pack([[1, 2, 3], [1, 4, 5, 6]], 3) == [[1, 2, 3], [1, 4, 5]]
+    assert pack([[1, 2]], 5) == [[1, 2]]  # too short for one row: the whole stream
+    with pytest.raises(DistillError):
+        pack([[1]], 4)
+
+
+# -- schedule and batches -----------------------------------------------------------------
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    s = TrainSettings(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, s) == pytest.approx(0.1)
+    assert lr_factor(9, s) == pytest.approx(1.0)
+    assert lr_factor(10, s) == pytest.approx(1.0)
+    assert lr_factor(55, s) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, s) == pytest.approx(0.1)
+    values = [lr_factor(i, s) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_batches_cover_every_row_once_per_epoch_and_depend_only_on_the_step():
+    s = TrainSettings(batch_size=3, seed=7)
+    epoch = np.concatenate([batch_rows(step, 9, s) for step in range(3)])
+    assert sorted(epoch) == list(range(9))
+    assert np.array_equal(batch_rows(2, 9, s), batch_rows(2, 9, s))
+    assert not np.array_equal(batch_rows(3, 9, s), batch_rows(0, 9, s))  # new epoch, new order
+
+
+# -- teacher fusion ------------------------------------------------------------------------
+def _config(policy="mean", weights=(1.0, 3.0), **fusion):
+    return EnsembleConfig(
+        members=[
+            MemberConfig(name="a", model="x", weight=weights[0]),
+            MemberConfig(name="b", model="y", weight=weights[1]),
+        ],
+        fusion=FusionConfig(policy=policy, **fusion),
+    )
+
+
+def test_fused_topk_is_the_renormalised_top_of_the_weighted_mean():
+    rng = np.random.default_rng(0)
+    V, K, N = 50, 6, 4
+    full = rng.dirichlet(np.full(V, 0.3), size=(2, N))  # [M, N, V]
+    top_ids = np.argsort(-full, axis=-1)[..., :K]
+    top_lps = np.log(np.take_along_axis(full, top_ids, axis=-1))
+    actual = np.log(full[:, :, 0])
+    choice = teacher_choice(_config())
+    ids, lps = fused_topk(choice, actual, top_ids, top_lps, V, k=3)
+    assert ids.shape == lps.shape == (N, 3)
+    for t in range(N):
+        # independent reference: union of top-K, fill min(p_K, residual/(V-K)), 1:3 weights
+        cand = list(dict.fromkeys([*top_ids[0, t], *top_ids[1, t]]))
+        score = {}
+        for c in cand:
+            p = []
+            for m in range(2):
+                row = dict(zip(top_ids[m, t], np.exp(top_lps[m, t]), strict=True))
+                fill = min(min(row.values()), (1 - sum(row.values())) / (V - K))
+                p.append(row.get(c, fill))
+            score[c] = 0.25 * p[0] + 0.75 * p[1]
+        best = sorted(cand, key=lambda c: -score[c])[:3]
+        assert list(ids[t]) == best
+        expected = np.array([score[c] for c in best])
+        np.testing.assert_allclose(np.exp(lps[t]), expected / expected.sum(), rtol=1e-9)
+
+
+def test_fused_topk_pads_when_fewer_candidates_than_k():
+    choice = teacher_choice(_config())
+    top_ids = np.array([[[1, 2]], [[2, 1]]])
+    top_lps = np.log(np.array([[[0.6, 0.4]], [[0.5, 0.5]]]))
+    ids, lps = fused_topk(choice, np.zeros((2, 1)), top_ids, top_lps, 3, k=4)
+    assert list(ids[0][:3]) in ([1, 2, 0], [2, 1, 0]) and np.isneginf(lps[0, 3])
+    assert np.exp(lps[0]).sum() == pytest.approx(1.0)
+
+
+def test_teacher_cache_resumes_and_refuses_other_inputs(tmp_path):
+    cache = TeacherCache(tmp_path, {"data": "x"}, num_rows=5, rows_per_shard=2)
+    assert cache.missing() == [0, 1, 2]
+    for i in (0, 2):
+        rows = list(cache.rows_of(i))
+        cache.save(i, np.full((len(rows), 3, 2), i), np.zeros((len(rows), 3, 2)))
+    again = TeacherCache(tmp_path, {"data": "x"}, num_rows=5, rows_per_shard=2)
+    assert again.missing() == [1]
+    with pytest.raises(DistillError, match="data"):
+        TeacherCache(tmp_path, {"data": "y"}, num_rows=5, rows_per_shard=2)
+
+
+# -- training ------------------------------------------------------------------------------
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+def _rows_and_teacher(n_rows=6, length=9, k=4):
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 40, size=(n_rows, length))
+    ids = rng.integers(0, 40, size=(n_rows, length - 1, k))
+    lps = np.log(rng.dirichlet(np.ones(k), size=(n_rows, length - 1))).astype(np.float32)
+    return rows, (ids, lps)
+
+
+def test_training_lowers_the_loss_and_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    rows, teacher = _rows_and_teacher()
+    settings = TrainSettings(steps=8, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=3)
+    straight = _tiny_llama()
+    full = train(straight, rows, teacher, settings, tmp_path / "a", progress=False, run_key="k")
+    assert full.finished and full.step == 8
+    assert np.mean(full.losses[-2:]) < np.mean(full.losses[:2])
+
+    resumed = _tiny_llama()
+    (tmp_path / "b").mkdir()
+    part = train(
+        resumed,
+        rows,
+        teacher,
+        TrainSettings(**{**settings.__dict__, "stop_after": 5}),
+        tmp_path / "b",
+        progress=False,
+        run_key="k",
+    )
+    assert not part.finished and part.step == 5
+    resumed = _tiny_llama(seed=99)  # a fresh process: weights come from the checkpoint
+    rest = train(resumed, rows, teacher, settings, tmp_path / "b", progress=False, run_key="k")
+    assert rest.finished and rest.losses == pytest.approx(full.losses, rel=1e-6)
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+    with pytest.raises(DistillError, match="another run"):
+        train(
+            _tiny_llama(), rows, teacher, settings, tmp_path / "b", progress=False, run_key="other"
+        )
+
+
+# -- export --------------------------------------------------------------------------------
+class _Tok:
+    def save_pretrained(self, path):
+        pathlib.Path(path, "tokenizer.json").write_text("{}")
+
+
+def test_export_is_atomic_and_failures_leave_nothing(tmp_path, monkeypatch):
+    model = _tiny_llama()
+    out = tmp_path / "student"
+    export_student(model, _Tok(), out, {"steps": 1})
+    assert json.loads((out / METADATA).read_text()) == {"steps": 1}
+    first = (out / "model.safetensors").read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", no_space)
+    with pytest.raises(DistillError, match="No space left.*nothing was written"):
+        export_student(model, _Tok(), out, {"steps": 2})
+    with pytest.raises(DistillError, match="nothing was written"):
+        export_student(model, _Tok(), tmp_path / "fresh", {"steps": 2})
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary left
+    assert (out / "model.safetensors").read_bytes() == first  # the earlier export is intact
+    assert json.loads((out / METADATA).read_text()) == {"steps": 1}
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("mine")
+    with pytest.raises(DistillError, match="not an earlier distill export"):
+        export_student(model, _Tok(), tmp_path / "other", {})
+
+
+def test_student_with_another_vocabulary_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from fusion_server.demo import ensure_demo_models
+
+    paths = ensure_demo_models()
+    ensemble_tok = AutoTokenizer.from_pretrained(paths["alpha"])
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(
+        ["some other words entirely"] * 5,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]),
+    )
+    other = tmp_path / "other"
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(other)
+    _tiny_llama().save_pretrained(other)
+    config = EnsembleConfig(members=[MemberConfig(name=n, model=str(p)) for n, p in paths.items()])
+    with pytest.raises(DistillError, match="different vocabulary"):
+        resolve_student(str(other), config, ensemble_tok, 32, 0)
+    model, desc = resolve_student("alpha", config, ensemble_tok, 32, 0)  # a member: same vocabulary
+    assert desc == "member alpha" and model.config.vocab_size >= len(ensemble_tok)
+    with pytest.raises(DistillError, match="neither a member"):
+        resolve_student(str(tmp_path / "nowhere"), config, ensemble_tok, 32, 0)
+    with pytest.raises(DistillError, match="new:tiny"):
+        resolve_student("new:huge", config, ensemble_tok, 32, 0)
