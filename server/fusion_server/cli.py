@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 
@@ -101,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_distill(sub) -> None:
     from .distill.train import TrainSettings
 
-    d = TrainSettings()
     p = sub.add_parser(
         "distill", help="distil the ensemble into one student model (Hugging Face directory)"
     )
@@ -127,16 +127,12 @@ def _add_distill(sub) -> None:
         "--eval-data", help="held-out text: bits per byte before/after, members, ensemble"
     )
     p.add_argument("--device", default="cpu", help="torch device for the student (cpu, cuda)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--ce-weight", type=float, default=d.ce_weight)
-    p.add_argument("--kl-weight", type=float, default=d.kl_weight)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
+    for f in dataclasses.fields(TrainSettings):  # --steps, --lr, --kl-weight, ...
+        if f.name != "stop_after":
+            flag = "--" + f.name.replace("_", "-")
+            p.add_argument(
+                flag, type=type(f.default), default=f.default, help=f"default {f.default}"
+            )
     p.add_argument("--stop-after", type=int, help="stop after N steps of this run (resume later)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_distill)
@@ -148,17 +144,7 @@ def _distill(args) -> int:
     from .distill.train import TrainSettings
 
     train = TrainSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ce_weight=args.ce_weight,
-        kl_weight=args.kl_weight,
-        clip_norm=args.clip_norm,
-        weight_decay=args.weight_decay,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        stop_after=args.stop_after,
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)}
     )
     settings = DistillSettings(
         data=args.data,
