@@ -1,6 +1,6 @@
 """The `fusion` command.
 
-Client subcommands (generate, ensemble, health) need only grpcio + protobuf. Server
+Client subcommands (generate, score, ensemble, health) need only grpcio + protobuf. Server
 subcommands (serve, bench, demo-models) are forwarded verbatim to `fusion_server.cli`,
 which is imported only when one of them runs and needs the cpu or gpu extra.
 """
@@ -24,7 +24,8 @@ from fusion_client.client import DEFAULT_TARGET, FusionClient
 SERVER_COMMANDS = {
     "serve": "run the fusion gRPC server (needs the server extra)",
     "bench": "benchmark a server or an ensemble (needs the server extra)",
-    "demo-models": "make tiny demo models offline (needs the server extra)",
+    "demo-models": "train (once) the demo members offline (needs the server extra)",
+    "eval": "quality table: bits per byte and line completion per member and policy (needs the server extra)",
     "distill": "distil the ensemble into one student model (needs the server extra)",
 }
 
@@ -58,34 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate a completion")
     gen.add_argument("prompt", help="prompt text")
     _add_connection_flags(gen)
-    gen.add_argument("--policy", default="", help="fusion policy (default: the server's)")
-    gen.add_argument(
-        "--weight",
-        dest="weights",
-        metavar="NAME=W",
-        type=_name_value,
-        action="append",
-        default=[],
-        help="member weight (repeatable)",
-    )
-    gen.add_argument(
-        "--param",
-        dest="params",
-        metavar="NAME=V",
-        type=_name_value,
-        action="append",
-        default=[],
-        help="policy parameter (repeatable)",
-    )
-    gen.add_argument(
-        "--role",
-        dest="roles",
-        metavar="MEMBER=ROLE",
-        type=_name_role,
-        action="append",
-        default=[],
-        help="member role for the policy, e.g. alpha=expert (repeatable)",
-    )
+    _add_fusion_flags(gen)
     gen.add_argument("--max-tokens", type=int, help="default: the server default")
     gen.add_argument("--temperature", type=float, help="0: greedy (default: greedy)")
     gen.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]")
@@ -99,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="print responses as JSON")
     gen.set_defaults(run=_generate)
+
+    score = commands.add_parser(
+        "score", help="fused log-likelihood and bits per byte of a continuation after a prompt"
+    )
+    score.add_argument("continuation", help="text to score ('-': read it from stdin)")
+    score.add_argument("--prompt", default="", help="context before it (default: none)")
+    _add_connection_flags(score)
+    _add_fusion_flags(score)
+    score.add_argument("--tokens", action="store_true", help="per-token detail")
+    score.add_argument("--request-id", default="", help="caller-chosen request id")
+    score.add_argument("--json", action="store_true", help="print the response as JSON")
+    score.set_defaults(run=_score)
 
     ens = commands.add_parser("ensemble", help="describe the ensemble (JSON)")
     _add_connection_flags(ens)
@@ -134,6 +120,46 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("FUSION_TOKEN"),
         help="bearer token (default: $FUSION_TOKEN)",
     )
+
+
+def _add_fusion_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="", help="fusion policy (default: the server's)")
+    parser.add_argument(
+        "--weight",
+        dest="weights",
+        metavar="NAME=W",
+        type=_name_value,
+        action="append",
+        default=[],
+        help="member weight (repeatable)",
+    )
+    parser.add_argument(
+        "--param",
+        dest="params",
+        metavar="NAME=V",
+        type=_name_value,
+        action="append",
+        default=[],
+        help="policy parameter (repeatable)",
+    )
+    parser.add_argument(
+        "--role",
+        dest="roles",
+        metavar="MEMBER=ROLE",
+        type=_name_role,
+        action="append",
+        default=[],
+        help="member role for the policy, e.g. alpha=expert (repeatable)",
+    )
+
+
+def _fusion_options(args: argparse.Namespace) -> dict:
+    return {
+        "policy": args.policy,
+        "weights": dict(args.weights),
+        "params": dict(args.params),
+        "roles": dict(args.roles),
+    }
 
 
 def _connect(args: argparse.Namespace) -> FusionClient:
@@ -201,10 +227,7 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
-        "policy": args.policy,
-        "weights": dict(args.weights),
-        "params": dict(args.params),
-        "roles": dict(args.roles),
+        **_fusion_options(args),
         "logprobs": args.logprobs,
         "member_details": args.member_details,
         "request_id": args.request_id,
@@ -219,6 +242,35 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(response.text)
         _print_summary(response)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.continuation == "-" else args.continuation
+    with _connect(args) as client:
+        response = client.score(
+            args.prompt,
+            text,
+            token_details=args.tokens,
+            request_id=args.request_id,
+            **_fusion_options(args),
+        )
+    if args.json:
+        print(_to_json(response))
+        return 0
+    print(
+        f"fused ({response.policy}): logprob={response.logprob:.4f} "
+        f"bits_per_byte={response.bits_per_byte:.4f} "
+        f"tokens={response.tokens} bytes={response.bytes}"
+    )
+    for m in response.members:
+        print(
+            f"  {m.member}: logprob={m.logprob:.4f} bits_per_byte={m.bits_per_byte:.4f} "
+            f"weight={response.weights.get(m.member, 0.0):.3f}"
+        )
+    for t in response.token_details:
+        members = " ".join(f"{v:.3f}" for v in t.member_logprobs)
+        print(f"  {t.token_id:>6} {t.text!r:<16} fused={t.logprob:.3f} members=[{members}]")
     return 0
 
 

@@ -74,6 +74,30 @@ def build_request(
     )
 
 
+def build_score_request(
+    prompt: str,
+    continuation: str,
+    *,
+    policy: str = "",
+    weights: Mapping[str, float] | None = None,
+    params: Mapping[str, float] | None = None,
+    roles: Mapping[str, str] | None = None,
+    token_details: bool = False,
+    request_id: str = "",
+) -> fusion_pb2.ScoreRequest:
+    """Builds a ScoreRequest (the fusion options mean what they mean in build_request)."""
+    fusion = fusion_pb2.FusionParams(
+        policy=policy, weights=weights or {}, params=params or {}, roles=roles or {}
+    )
+    return fusion_pb2.ScoreRequest(
+        request_id=request_id,
+        prompt=prompt,
+        continuation=continuation,
+        fusion=fusion,
+        token_details=token_details,
+    )
+
+
 # --- grpc.health.v1 wire format, by hand --------------------------------------------
 
 
@@ -200,6 +224,15 @@ class FusionClient(_ClientBase):
         request = build_request(prompt, **options)
         return self.stub.GenerateStream(request, **self._call_kwargs(timeout))
 
+    def score(
+        self, prompt: str, continuation: str, *, timeout: float | None = None, **options: Any
+    ) -> fusion_pb2.ScoreResponse:
+        """Fused and per-member log-likelihood of `continuation` after `prompt`.
+        `**options`: build_score_request's keywords (policy, weights, params, roles,
+        token_details, request_id)."""
+        request = build_score_request(prompt, continuation, **options)
+        return self.stub.Score(request, **self._call_kwargs(timeout))
+
     def get_ensemble(self, *, timeout: float | None = None) -> fusion_pb2.GetEnsembleResponse:
         """Describes the ensemble: members, policies, defaults."""
         return self.stub.GetEnsemble(fusion_pb2.GetEnsembleRequest(), **self._call_kwargs(timeout))
@@ -269,6 +302,13 @@ class AsyncFusionClient(_ClientBase):
                 yield message
         finally:
             call.cancel()
+
+    async def score(
+        self, prompt: str, continuation: str, *, timeout: float | None = None, **options: Any
+    ) -> fusion_pb2.ScoreResponse:
+        """Fused and per-member log-likelihood of `continuation` after `prompt`."""
+        request = build_score_request(prompt, continuation, **options)
+        return await self.stub.Score(request, **self._call_kwargs(timeout))
 
     async def get_ensemble(self, *, timeout: float | None = None) -> fusion_pb2.GetEnsembleResponse:
         """Describes the ensemble: members, policies, defaults."""

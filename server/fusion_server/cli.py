@@ -48,11 +48,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo_models(args: argparse.Namespace) -> int:
-    from .demo import ensure_demo_models
+    from .demo import ensure_demo_models, ensure_trained_models
 
-    for name, path in ensure_demo_models().items():
+    if args.tiny:
+        paths = ensure_demo_models()
+    else:
+        names = tuple(n.strip() for n in args.members.split(",")) if args.members else None
+        paths = ensure_trained_models(names)
+    for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval import run_eval
+
+    return run_eval(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -80,9 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
     demo = sub.add_parser(
-        "demo-models", help="generate (once) and print the demo ensemble's model dirs"
+        "demo-models",
+        help="train (once, minutes each) and print the trained demo members' model dirs",
     )
+    demo.add_argument(
+        "--tiny", action="store_true", help="the tiny random members instead (seconds; tests)"
+    )
+    demo.add_argument("--members", help="comma-separated trained members (default: all)")
     demo.set_defaults(func=_demo_models)
+    ev = sub.add_parser(
+        "eval",
+        help="quality table on held-out stdlib modules: bits per byte (Score) and "
+        "next-line exact match per member and policy",
+    )
+    ev.add_argument("--server", help="evaluate this running server (default: start the demo)")
+    ev.add_argument("--config", help="ensemble YAML to start (default: the demo ensemble)")
+    ev.add_argument(
+        "--policies",
+        default="mean;product;max;entropy;vote;packllm",
+        help="'name[:k=v,...];...' as in bench --policies",
+    )
+    ev.add_argument("--lines", type=int, default=60, help="sampled line positions")
+    ev.add_argument("--windows", type=int, default=40, help="scored text windows")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--concurrency", type=int, default=8)
+    ev.add_argument("--out", help="also write the markdown table to this file")
+    ev.set_defaults(func=_eval)
     bench = sub.add_parser("bench", help="throughput benchmark: fused vs. members alone vs. naive")
     bench.add_argument("--config", help="ensemble YAML file (default: the demo ensemble)")
     bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")

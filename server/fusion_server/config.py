@@ -340,36 +340,49 @@ class EnsembleConfig:
         return dataclasses.replace(self, members=members)
 
 
-def demo_config() -> EnsembleConfig:
-    """The built-in demo ensemble (tiny members generated on first use)."""
-    from .demo import ensure_demo_models
+DEMO_DEFAULT_MEMBERS = ("alpha", "beta")
+"""Trained demo members served without a config file (they share one tokenizer; gamma,
+with its own, joins once cross-vocabulary fusion lands: docs/demo-three-members.yaml)."""
 
-    paths = ensure_demo_models()
+
+def demo_config() -> EnsembleConfig:
+    """The built-in demo ensemble: the trained members (trained once, on first use)."""
+    from .demo import ensure_trained_models
+
+    paths = ensure_trained_models(DEMO_DEFAULT_MEMBERS)
     return EnsembleConfig(
         members=[MemberConfig(name=name, model=str(path)) for name, path in paths.items()],
     )
 
 
 DEMO_MODEL_PREFIX = "demo:"
+TRAINED_PREFIX = "trained-"
 
 
 def _resolve_demo_members(config: EnsembleConfig) -> None:
-    """`model: demo:NAME` names a built-in demo member (generated once into $FUSION_CACHE)."""
+    """`model: demo:NAME` names a built-in demo member, made once into $FUSION_CACHE:
+    demo:alpha / demo:beta the tiny random ones (seconds), demo:trained-alpha /
+    -beta / -gamma the trained ones (minutes each, once)."""
     wanted = [(i, m) for i, m in enumerate(config.members) if m.model.startswith(DEMO_MODEL_PREFIX)]
     if not wanted:
         return
-    from . import demo
+    from . import demo, demo_train
 
-    known = [spec.name for spec in demo.DEMO_MEMBERS]
-    for i, member in wanted:
-        if member.model[len(DEMO_MODEL_PREFIX) :] not in known:
+    tiny = [spec.name for spec in demo.DEMO_MEMBERS]
+    trained = [TRAINED_PREFIX + spec.name for spec in demo_train.TRAINED_MEMBERS]
+    names = [(i, m, m.model[len(DEMO_MODEL_PREFIX) :]) for i, m in wanted]
+    for i, member, name in names:
+        if name not in tiny + trained:
             raise ConfigError(
                 f"members[{i}].model",
-                f"unknown demo member {member.model!r} (known: {', '.join(known)})",
+                f"unknown demo member {member.model!r} (known: {', '.join(tiny + trained)})",
             )
-    paths = demo.ensure_demo_models()
-    for _, member in wanted:
-        member.model = str(paths[member.model[len(DEMO_MODEL_PREFIX) :]])
+    paths = demo.ensure_demo_models() if any(n in tiny for *_, n in names) else {}
+    want = tuple(n[len(TRAINED_PREFIX) :] for *_, n in names if n in trained)
+    if want:
+        paths.update({TRAINED_PREFIX + k: v for k, v in demo.ensure_trained_models(want).items()})
+    for _, member, name in names:
+        member.model = str(paths[name])
 
 
 def _is_number(value: Any) -> bool:

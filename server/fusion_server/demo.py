@@ -1,12 +1,16 @@
-"""The built-in demo ensemble: tiny members generated offline, cached on first use.
+"""The built-in demo ensembles, made offline and cached on first use.
 
-Two Llama-style causal LMs share one byte-level BPE tokenizer trained on a fixed
-list of the Python standard library's own modules (every machine has them). Their
-weights are random, drawn with a large scale (N(0, 0.35^2)) so that their logits are
-peaked and greedy decoding is stable between vLLM and `transformers`. They know
-nothing; they exist so that `make serve` and the tests run anywhere in seconds.
+- **trained** (what `make serve` serves): small causal LMs trained on the Python
+  standard library's own source (``demo_train``), minutes each on 2 CPU cores, once.
+  alpha and beta share the byte-level BPE tokenizer below; gamma has its own.
+- **tiny** (tests, `demo:tiny-alpha`): two Llama-style members sharing one byte-level
+  BPE tokenizer trained on a fixed list of stdlib modules, with random weights drawn
+  with a large scale (N(0, 0.35^2)) so that their logits are peaked and greedy decoding
+  is stable between vLLM and `transformers`. They know nothing; they exist so that the
+  tests run anywhere in seconds.
 
-Everything is deterministic for a given Python version: same seeds, same corpus.
+Everything is deterministic for a given Python (and torch) version: same seeds, same
+corpus. Writes go to a temporary directory renamed into place.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 
 DEMO_VERSION = "tiny-v1"
+TRAINED_VERSION = "trained-v1"
 # Standard-library modules the tokenizer is trained on (present in every CPython).
 CORPUS_MODULES = (
     "argparse.py",
@@ -102,24 +107,12 @@ def build_tiny_model(
 ) -> None:
     """Write one tiny Llama member (config, safetensors weights, tokenizer) to out_dir."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from .demo_train import model_config
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        head_dim=spec.hidden_size // spec.num_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
+    config = model_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -141,23 +134,80 @@ def ensure_demo_models(
     never leaves a half-written model behind.
     """
     root = (root or cache_root()) / DEMO_VERSION
-    key = hashlib.sha256(json.dumps([s.__dict__ for s in specs], sort_keys=True).encode())
-    target = root / key.hexdigest()[:12]
+    target = root / _digest([s.__dict__ for s in specs])
     paths = {s.name: target / s.name for s in specs}
     if all((p / "config.json").exists() for p in paths.values()):
         return paths
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+
+    def build(staging: pathlib.Path) -> None:
         print(f"fusion: generating the tiny demo ensemble in {target} (one time, seconds)")
         train_tokenizer(staging / "_tokenizer")
         for spec in specs:
             build_tiny_model(spec, staging / "_tokenizer", staging / spec.name)
         shutil.rmtree(staging / "_tokenizer")
+
+    _staged(target, build)
+    return paths
+
+
+def _staged(target: pathlib.Path, build) -> None:
+    """Run build(staging_dir), then rename the staging dir to target (atomic on one fs)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        build(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _digest(obj) -> str:
+    """Short stable hash of a JSON-able object (cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def ensure_trained_models(
+    names: tuple[str, ...] | None = None,
+    root: pathlib.Path | None = None,
+    specs=None,
+    steps: int | None = None,
+) -> dict[str, pathlib.Path]:
+    """Return {member name: model dir} of the trained demo members (default: all),
+    training each once (minutes, with a progress bar) if it is not cached.
+
+    steps: train this many steps instead of each spec's (tests of the training code).
+    """
+    from . import demo_train
+
+    specs = specs or demo_train.TRAINED_MEMBERS
+    wanted = [s for s in specs if names is None or s.name in names]
+    base = (root or cache_root()) / TRAINED_VERSION
+    paths = {}
+    for spec in wanted:
+        key = _digest([spec.__dict__, steps, CORPUS_MODULES, demo_train.HELD_OUT_MODULES])
+        target = base / f"{spec.name}-{key}"
+        paths[spec.name] = target
+        if (target / "config.json").exists():
+            continue
+        print(f"fusion: training demo member {spec.name} into {target} (one time, minutes)")
+
+        def build(staging: pathlib.Path, spec=spec) -> None:
+            if spec.tokenizer == "shared":
+                train_tokenizer(staging / "_tokenizer")
+            else:
+                demo_train.train_sentencepiece_tokenizer(staging / "_tokenizer")
+            summary = demo_train.train_member(spec, staging / "_tokenizer", staging, steps)
+            shutil.rmtree(staging / "_tokenizer")
+            summary["spec"] = spec.__dict__
+            summary["held_out"] = list(demo_train.HELD_OUT_MODULES)
+            (staging / "train.json").write_text(json.dumps(summary, indent=2, default=str))
+            print(
+                f"fusion: {spec.name}: {summary['steps']} steps in {summary['seconds']} s, "
+                f"train loss {summary['train_loss']} nats/token"
+            )
+
+        _staged(target, build)
     return paths

@@ -58,7 +58,7 @@ def test_cpu_image_entrypoint_serves_the_cpu_demo_overlay_config(rendered, tmp_p
         FUSION_CACHE=str(tmp_path / "fusion-cache"),
     )
     # The image's build step for the demo members (RUN fusion demo-models).
-    subprocess.run(["fusion", "demo-models"], env=env, check=True, timeout=300)
+    subprocess.run(["fusion", "demo-models", "--tiny"], env=env, check=True, timeout=300)
 
     grpc_port, metrics_port = free_port(), free_port()
     log = tmp_path / "server.log"

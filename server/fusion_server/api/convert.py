@@ -9,6 +9,7 @@ from fusion_client._proto.fusion.v1 import fusion_pb2 as pb
 
 from ..config import LimitsConfig
 from ..router.request import Delta, FinishReason, GenerateParams, StepStats, TokenDetail
+from ..router.score import ScoreParams, ScoreResult
 from .errors import ValidationError
 
 MAX_STOP_STRINGS = 16
@@ -22,17 +23,24 @@ FINISH_TO_PB = {
 }
 
 
+def _check_text(field: str, text: str, limits: LimitsConfig) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise ValidationError(
+            field, f"{len(text)} characters is above the limit of {limits.max_prompt_chars}"
+        )
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID:
+        raise ValidationError("request_id", f"must be at most {MAX_REQUEST_ID} characters")
+
+
 def params_from_pb(req: pb.GenerateRequest, limits: LimitsConfig, top_k: int) -> GenerateParams:
     """Validate a GenerateRequest's own fields (not those that need the ensemble)."""
     if not req.prompt:
         raise ValidationError("prompt", "must not be empty")
-    if len(req.prompt) > limits.max_prompt_chars:
-        raise ValidationError(
-            "prompt",
-            f"{len(req.prompt)} characters is above the limit of {limits.max_prompt_chars}",
-        )
-    if len(req.request_id) > MAX_REQUEST_ID:
-        raise ValidationError("request_id", f"must be at most {MAX_REQUEST_ID} characters")
+    _check_text("prompt", req.prompt, limits)
+    _check_request_id(req.request_id)
     s = req.sampling
     max_tokens = s.max_tokens if s.HasField("max_tokens") else limits.default_max_tokens
     if not 1 <= max_tokens <= limits.max_tokens:
@@ -141,3 +149,50 @@ def response_to_pb(
     if members is not None and last.stats is not None:
         msg.fusion_stats.CopyFrom(stats_to_pb(last.stats, members))
     return msg
+
+
+def score_params_from_pb(req: pb.ScoreRequest, limits: LimitsConfig) -> ScoreParams:
+    """Validate a ScoreRequest's own fields (limits.max_prompt_chars: prompt + continuation)."""
+    if not req.continuation:
+        raise ValidationError("continuation", "must not be empty")
+    _check_text("prompt", req.prompt, limits)
+    _check_text("continuation", req.prompt + req.continuation, limits)
+    _check_request_id(req.request_id)
+    return ScoreParams(
+        request_id=req.request_id or uuid.uuid4().hex,
+        prompt=req.prompt,
+        continuation=req.continuation,
+        policy=req.fusion.policy,
+        weights=dict(req.fusion.weights),
+        params=dict(req.fusion.params),
+        roles=dict(req.fusion.roles),
+        token_details=req.token_details,
+    )
+
+
+def score_to_pb(result: ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        request_id=result.request_id,
+        logprob=result.logprob,
+        bits_per_byte=result.bits_per_byte,
+        bytes=result.num_bytes,
+        tokens=result.tokens,
+        prompt_tokens=result.prompt_tokens,
+        members=[
+            pb.MemberScore(
+                member=m.member, logprob=m.logprob, bits_per_byte=m.bits_per_byte, tokens=m.tokens
+            )
+            for m in result.members
+        ],
+        policy=result.policy,
+        weights=result.weights,
+        token_details=[
+            pb.ScoreToken(
+                token_id=t.token_id,
+                text=t.text,
+                logprob=t.logprob,
+                member_logprobs=t.member_logprobs,
+            )
+            for t in result.details
+        ],
+    )

@@ -1,7 +1,8 @@
 """The one place where exceptions become gRPC status codes.
 
 validation -> INVALID_ARGUMENT, overload -> RESOURCE_EXHAUSTED, not ready / engine
-dead -> UNAVAILABLE, anything else -> INTERNAL with a generic message (the full
+dead -> UNAVAILABLE, not supported by this ensemble (Score across vocabularies, for
+now) -> UNIMPLEMENTED, anything else -> INTERNAL with a generic message (the full
 traceback goes to the server log only).
 """
 
@@ -16,6 +17,7 @@ from ..config import ConfigError
 from ..engines.member import EngineUnavailable
 from ..fusion.policies import PolicyError
 from ..router.router import Overloaded, is_engine_failure
+from ..router.score import Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception to (status code, client-facing message)."""
     if isinstance(err, (ValidationError, PolicyError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, Unsupported):
+        return grpc.StatusCode.UNIMPLEMENTED, str(err)
     if isinstance(err, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {err}"
     if isinstance(err, (NotReady, EngineUnavailable)):

@@ -11,8 +11,15 @@ from fusion_client._proto.fusion.v1 import fusion_pb2_grpc
 
 from ..fusion.policies import describe_policies, normalize_weights
 from ..router.request import Delta, FusionRequest, GenerateParams
-from ..router.router import Router
-from .convert import params_from_pb, response_to_pb, stream_to_pb
+from ..router.router import Overloaded, Router
+from ..router.score import FusionChoice, Scorer
+from .convert import (
+    params_from_pb,
+    response_to_pb,
+    score_params_from_pb,
+    score_to_pb,
+    stream_to_pb,
+)
 from .errors import NotReady, ValidationError, status_for
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,8 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self.draining = False
         # (rpc, status code name) -> None; the server points it at the metrics.
         self.on_rpc_done: Callable[[str, str], None] = lambda rpc, code: None
+        self._scorer: Scorer | None = None
+        self._scoring = 0  # Score requests in flight
 
     # -- request building --------------------------------------------------------
     def _router(self) -> Router:
@@ -36,11 +45,11 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             raise NotReady("the server is shutting down")
         return self.router
 
-    def _build(self, req: pb.GenerateRequest) -> FusionRequest:
+    def _choose(self, params) -> FusionChoice:
+        """The request's policy, parameters, weights and roles, validated (Generate, Score)."""
         router = self._router()
         ensemble = router.ensemble
         fusion = self.config.fusion
-        params: GenerateParams = params_from_pb(req, self.config.limits, fusion.top_k)
         name = params.policy or fusion.policy
         if ":" in name and name != fusion.policy:  # never import client-chosen modules
             raise ValidationError(
@@ -48,13 +57,21 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 f"{name!r}: module:Class policies can only be set in the server config (fusion.policy)",
             )
         policy = router.policy(name)
-        policy_params = policy.validate_params({**fusion.params, **params.params})
-        weights = normalize_weights(
-            ensemble.member_names,
-            {m.name: m.config.weight for m in ensemble.members},
-            params.weights,
+        return FusionChoice(
+            policy=policy,
+            params=policy.validate_params({**fusion.params, **params.params}),
+            weights=normalize_weights(
+                ensemble.member_names,
+                {m.name: m.config.weight for m in ensemble.members},
+                params.weights,
+            ),
+            roles=policy.validate_roles(ensemble.member_names, {**fusion.roles, **params.roles}),
         )
-        roles = policy.validate_roles(ensemble.member_names, {**fusion.roles, **params.roles})
+
+    def _build(self, req: pb.GenerateRequest) -> FusionRequest:
+        params: GenerateParams = params_from_pb(req, self.config.limits, self.config.fusion.top_k)
+        choice = self._choose(params)
+        ensemble = self._router().ensemble
         prompt_ids = ensemble.encode(params.prompt)
         room = ensemble.max_model_len - len(prompt_ids)
         if room < 1:
@@ -66,11 +83,11 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         return FusionRequest(
             params,
             prompt_ids,
-            policy,
-            policy_params,
-            weights,
+            choice.policy,
+            choice.params,
+            choice.weights,
             max_tokens=min(params.max_tokens, room),
-            roles=roles,
+            roles=choice.roles,
         )
 
     async def _fail(self, rpc: str, context, err: BaseException) -> None:
@@ -126,6 +143,42 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         async for request_id, delta in self._run(request, context, "GenerateStream"):  # noqa: B007
             yield stream_to_pb(request_id, delta, self._stats_members(request))
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        try:
+            params = score_params_from_pb(request, self.config.limits)
+            choice = self._choose(params)
+            ensemble = self._router().ensemble
+            prompt_ids = ensemble.encode(params.prompt)
+            if not prompt_ids:
+                raise ValidationError(
+                    "prompt",
+                    "must not be empty: the tokenizer adds no BOS token, so the first "
+                    "continuation token would have no context",
+                )
+            cont_ids = ensemble.encode_continuation(params.continuation)
+            total = len(prompt_ids) + len(cont_ids)
+            if total >= ensemble.max_model_len:
+                raise ValidationError(
+                    "continuation",
+                    f"prompt + continuation is {total} tokens; the members' context of "
+                    f"{ensemble.max_model_len} tokens fits at most {ensemble.max_model_len - 1}",
+                )
+            limit = self.config.limits.max_concurrent_requests
+            if self._scoring >= limit:
+                raise Overloaded(f"{self._scoring} Score requests running (limit {limit})")
+            if self._scorer is None or self._scorer.ensemble is not ensemble:
+                self._scorer = Scorer(ensemble, self.config.fusion.top_k)
+            self._scoring += 1
+            try:
+                result = await self._scorer.score(params, choice, prompt_ids, cont_ids)
+            finally:
+                self._scoring -= 1
+        except Exception as err:
+            await self._fail("Score", context, err)
+            return pb.ScoreResponse()
+        self.on_rpc_done("Score", "OK")
+        return score_to_pb(result)
 
     async def GetEnsemble(self, request: pb.GetEnsembleRequest, context) -> pb.GetEnsembleResponse:
         try:

@@ -150,6 +150,29 @@ class Member:
         self.restarts += 1
         await self.start()
 
+    async def score(self, request_id: str, ids: list[int], top_k: int):
+        """One teacher-forced prefill of `ids` (a one-shot request, prompt_logprobs=top_k).
+
+        Returns numpy arrays for the targets ids[1:] (position p scores ids[p] given
+        ids[:p]): actual [N-1] the log-prob of each actual token, top_ids [N-1, K] and
+        top_logprobs [N-1, K] the member's top-K at each position (full-vocabulary
+        log-softmax, like the decode steps).
+        """
+        if not self.running:
+            raise EngineUnavailable(f"member {self.name!r} is not running")
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = self._sampling_params.clone()
+        params.logprobs = None
+        params.prompt_logprobs = top_k
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        final = None
+        prompt = TokensPrompt(prompt_token_ids=list(ids))
+        async for out in self.llm.generate(prompt, params, f"{request_id}:{self.name}"):
+            final = out
+        return _prompt_arrays(final.prompt_logprobs, len(ids), top_k)
+
     @property
     def running(self) -> bool:
         return self.llm is not None and not self.llm.errored
@@ -256,3 +279,14 @@ def _mean_nll(prompt_logprobs) -> float:
     if not values:  # dict-per-position form
         values = [next(iter(d.values())).logprob for d in prompt_logprobs if d]
     return -sum(values) / len(values) if values else 0.0
+
+
+def _prompt_arrays(flat, n: int, k: int):
+    """FlatLogprobs of n prompt positions (entry 0 empty; then [actual, top-1..top-k])
+    -> (actual [n-1], top_ids [n-1, k], top_logprobs [n-1, k])."""
+    starts = np.asarray(flat.start_indices[1:n], dtype=np.int64)  # [n-1]
+    ids = np.asarray(flat.token_ids, dtype=np.int64)
+    lps = np.asarray(flat.logprobs, dtype=np.float64)
+    actual = lps[starts]
+    cols = starts[:, None] + 1 + np.arange(k)  # [n-1, k]
+    return actual, ids[cols], lps[cols]

@@ -48,6 +48,10 @@ class Ensemble:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of a text that follows other text (no BOS / special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @classmethod
     def check_tokenizers(cls, config: EnsembleConfig):
         """Load each member's tokenizer; refuse differing vocabularies. Returns the first."""

@@ -275,3 +275,72 @@ class GetEnsembleResponse(_message.Message):
     max_tokens_limit: int
     default_max_tokens: int
     def __init__(self, members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., default_policy: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyInfo, _Mapping]]] = ..., alignment: _Optional[str] = ..., top_k: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("request_id", "prompt", "continuation", "fusion", "token_details")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt: str
+    continuation: str
+    fusion: FusionParams
+    token_details: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., continuation: _Optional[str] = ..., fusion: _Optional[_Union[FusionParams, _Mapping]] = ..., token_details: _Optional[bool] = ...) -> None: ...
+
+class MemberScore(_message.Message):
+    __slots__ = ("member", "logprob", "bits_per_byte", "tokens")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    member: str
+    logprob: float
+    bits_per_byte: float
+    tokens: int
+    def __init__(self, member: _Optional[str] = ..., logprob: _Optional[float] = ..., bits_per_byte: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ScoreToken(_message.Message):
+    __slots__ = ("token_id", "text", "logprob", "member_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    member_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., member_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("request_id", "logprob", "bits_per_byte", "bytes", "tokens", "prompt_tokens", "members", "policy", "weights", "token_details")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    logprob: float
+    bits_per_byte: float
+    bytes: int
+    tokens: int
+    prompt_tokens: int
+    members: _containers.RepeatedCompositeFieldContainer[MemberScore]
+    policy: str
+    weights: _containers.ScalarMap[str, float]
+    token_details: _containers.RepeatedCompositeFieldContainer[ScoreToken]
+    def __init__(self, request_id: _Optional[str] = ..., logprob: _Optional[float] = ..., bits_per_byte: _Optional[float] = ..., bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberScore, _Mapping]]] = ..., policy: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., token_details: _Optional[_Iterable[_Union[ScoreToken, _Mapping]]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class FusionServiceStub:
                 request_serializer=fusion_dot_v1_dot_fusion__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fusion_dot_v1_dot_fusion__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/fusion.v1.FusionService/Score',
+                request_serializer=fusion_dot_v1_dot_fusion__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=fusion_dot_v1_dot_fusion__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.GetEnsemble = channel.unary_unary(
                 '/fusion.v1.FusionService/GetEnsemble',
                 request_serializer=fusion_dot_v1_dot_fusion__pb2.GetEnsembleRequest.SerializeToString,
@@ -71,6 +76,16 @@ class FusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Scores a given continuation after a prompt: its fused log-likelihood under a
+        policy, each member's own log-likelihood, bits per byte, optional per-token detail.
+        One teacher-forced prefill per member. Members with different vocabularies:
+        UNIMPLEMENTED for now (docs/score.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetEnsemble(self, request, context):
         """Describes the ensemble: members, tokenizers, policies and defaults.
         """
@@ -90,6 +105,11 @@ def add_FusionServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=fusion_dot_v1_dot_fusion__pb2.GenerateRequest.FromString,
                     response_serializer=fusion_dot_v1_dot_fusion__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=fusion_dot_v1_dot_fusion__pb2.ScoreRequest.FromString,
+                    response_serializer=fusion_dot_v1_dot_fusion__pb2.ScoreResponse.SerializeToString,
             ),
             'GetEnsemble': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEnsemble,
@@ -152,6 +172,33 @@ class FusionService:
             '/fusion.v1.FusionService/GenerateStream',
             fusion_dot_v1_dot_fusion__pb2.GenerateRequest.SerializeToString,
             fusion_dot_v1_dot_fusion__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fusion.v1.FusionService/Score',
+            fusion_dot_v1_dot_fusion__pb2.ScoreRequest.SerializeToString,
+            fusion_dot_v1_dot_fusion__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
