@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from ..fusion.candidates import align_shared
 from ..fusion.policies import Policy, resolve_policy
 from ..fusion.sampler import sample
+from .alignment import Pick, make_alignment
 from .ensemble import Ensemble
 from .request import Delta, FinishReason, FusionRequest, MemberDetail, TokenDetail
 from .stats import RouterStats
@@ -34,8 +34,15 @@ class Overloaded(RuntimeError):
 class Router:
     """Owns the decode loop over an Ensemble of started members."""
 
-    def __init__(self, ensemble: Ensemble, max_running: int, stats: RouterStats | None = None):
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        max_running: int,
+        stats: RouterStats | None = None,
+        alignment: str | None = None,
+    ):
         self.ensemble = ensemble
+        self.alignment = make_alignment(ensemble, alignment)  # shared ids or bytes
         self.max_running = max_running
         self.stats = stats or RouterStats()
         self.running: dict[str, FusionRequest] = {}
@@ -82,7 +89,7 @@ class Router:
         self.running[request.id] = request
         request.started = time.perf_counter()
         self.stats.on_submit()
-        self._feed(request, request.prompt_ids)
+        self._feed_each(request, self.alignment.prompts(request))
 
     async def release(self, request: FusionRequest) -> None:
         """End a request's member sessions (finished, failed, cancelled or timed out)."""
@@ -94,6 +101,12 @@ class Router:
             await asyncio.wait({task})  # lets a cancellation of our caller through
         await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
         self.stats.on_release(request)
+
+    def _feed_each(self, request: FusionRequest, ids: list[list[int]]) -> None:
+        """Append each member's own ids (byte alignment: they differ), then step."""
+        for pending, own in zip(request.pending, ids, strict=True):
+            pending.extend(own)
+        self._feed(request, [])
 
     def _feed(self, request: FusionRequest, ids: list[int]) -> None:
         request.step_task = asyncio.get_running_loop().create_task(self._step(request, ids))
@@ -141,13 +154,22 @@ class Router:
 
     @staticmethod
     async def _ask(request: FusionRequest, members, first: bool) -> list:
-        """Send each member its pending ids, then collect their top-k (no task per member)."""
+        """Send each member its pending ids, then collect their top-k (no task per member).
+
+        A member with nothing pending (byte alignment: it holds the chosen bytes back)
+        is not stepped; its last top-k still stands.
+        """
         members = list(members)
         want_nll = first and request.policy.needs_prompt_nll
+        sent = []
         for m in members:
-            request.sessions[m].send(request.pending[m], prompt_nll=want_nll)
-            request.pending[m] = []
-        return [await request.sessions[m].receive() for m in members]
+            if request.pending[m] or request.own_tops[m] is None:
+                request.sessions[m].send(request.pending[m], prompt_nll=want_nll)
+                request.pending[m] = []
+                sent.append(m)
+        for m in sent:
+            request.own_tops[m] = await request.sessions[m].receive()
+        return [request.own_tops[m] for m in members]
 
     # -- the loop --------------------------------------------------------------
     async def _loop(self) -> None:
@@ -167,7 +189,7 @@ class Router:
 
     def _advance_batch(self, ready: list[FusionRequest]) -> None:
         t0 = time.perf_counter()
-        batch = align_shared([r.tops for r in ready], self.ensemble.vocab_size)
+        batch = self.alignment.align(ready)
         # batch.logprobs: [R, M, C]; batch.mask: [R, C]
         fused = np.full(batch.mask.shape, -np.inf)  # [R, C]
         groups: dict[int, list[int]] = {}
@@ -221,10 +243,9 @@ class Router:
 
     def _advance(self, request: FusionRequest, batch, fused, i: int, c: int) -> None:
         """Apply the chosen candidate: stops, text delta, feed members."""
-        ensemble = self.ensemble
-        token = int(batch.ids[i, c])
+        pick: Pick = self.alignment.pick(request, batch, i, c)
         request.completion_tokens += 1
-        agree = [bool(len(t.ids)) and int(t.ids[0]) == token for t in request.tops]
+        agree = pick.agree
         self.stats.on_token(request, agree)
         step = request.stats
         if all(request.consulted):
@@ -235,8 +256,8 @@ class Router:
             if consulted:
                 step.consulted[m] += 1
                 step.agreed[m] += agree[m]
-        is_eos = token in ensemble.eos_ids and not request.params.ignore_eos
-        text = "" if is_eos else request.text.push(ensemble.table[token])
+        is_eos = pick.eos and not request.params.ignore_eos
+        text = "" if is_eos else request.text.push(pick.data)
         details = (
             [self._detail(request, batch, fused, i, c)] if self._wants_details(request) else []
         )
@@ -245,7 +266,7 @@ class Router:
             finish = FinishReason.EOS
         elif request.text.stopped:
             finish = FinishReason.STOP
-        elif request.completion_tokens >= request.max_tokens:
+        elif request.completion_tokens >= request.max_tokens or pick.overflow:
             finish = FinishReason.LENGTH
         if finish is not None:
             text += request.text.finish() if finish is not FinishReason.STOP else ""
@@ -261,7 +282,7 @@ class Router:
             )
         )
         if finish is None:
-            self._feed(request, [token])
+            self._feed_each(request, pick.feed)
 
     def _final_stats(self, request: FusionRequest):
         names = self.ensemble.member_names
@@ -273,22 +294,14 @@ class Router:
         return request.params.logprobs > 0 or request.params.member_details
 
     def _detail(self, request: FusionRequest, batch, fused, i: int, c: int) -> TokenDetail:
-        table = self.ensemble.table
-        token = int(batch.ids[i, c])
-        detail = TokenDetail(
-            token_id=token,
-            text=table[token].decode("utf-8", errors="replace"),
-            logprob=float(fused[i, c]),
-        )
+        label = self.alignment.label
+        token, text = label(request, batch, i, c)
+        detail = TokenDetail(token_id=token, text=text, logprob=float(fused[i, c]))
         n = request.params.logprobs
         if n:
             order = np.argsort(-fused[i], kind="stable")[:n]
             detail.top_logprobs = [
-                (
-                    int(batch.ids[i, j]),
-                    table[int(batch.ids[i, j])].decode("utf-8", "replace"),
-                    float(fused[i, j]),
-                )
+                (*label(request, batch, i, j), float(fused[i, j]))
                 for j in order
                 if batch.mask[i, j]
             ]
