@@ -43,8 +43,12 @@ def _chunks(text: str, size: int = 4096):
     return (text[i : i + size] for i in range(0, len(text), size))
 
 
-def train_sentencepiece_bpe(out_dir: pathlib.Path, vocab_size: int = 1024) -> None:
-    """Llama-2-like: BPE over ``▁`` pieces, byte fallback, ``<s>`` before every prompt."""
+def train_sentencepiece_bpe(
+    out_dir: pathlib.Path | None, vocab_size: int = 1024, text: str | None = None
+):
+    """Llama-2-like: BPE over ``▁`` pieces, byte fallback, ``<s>`` before every prompt.
+
+    Saved to ``out_dir``; returned as a transformers tokenizer (``text``: the corpus)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -53,7 +57,7 @@ def train_sentencepiece_bpe(out_dir: pathlib.Path, vocab_size: int = 1024) -> No
     trainer = trainers.BpeTrainer(
         vocab_size=room, special_tokens=["<unk>"], limit_alphabet=200, show_progress=False
     )
-    tok.train_from_iterator(_chunks(corpus_text()), trainer)
+    tok.train_from_iterator(_chunks(text or corpus_text()), trainer)
     # Rebuild the vocabulary in Llama-2's layout: specials, the 256 byte pieces, the rest.
     spec = json.loads(tok.to_str())
     trained = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
@@ -75,11 +79,13 @@ def train_sentencepiece_bpe(out_dir: pathlib.Path, vocab_size: int = 1024) -> No
             decoders.Strip(content=" ", left=1, right=0),
         ]
     )
-    _save(tok, out_dir, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return _save(tok, out_dir, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def train_unigram(out_dir: pathlib.Path, vocab_size: int = 640) -> None:
-    """T5/Gemma-like: Unigram over ``▁`` pieces with a dummy prefix always, byte fallback."""
+def train_unigram(out_dir: pathlib.Path | None, vocab_size: int = 640, text: str | None = None):
+    """T5/Gemma-like: Unigram over ``▁`` pieces with a dummy prefix always, byte fallback.
+
+    Saved to ``out_dir``; returned as a transformers tokenizer (``text``: the corpus)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.Unigram())
@@ -90,7 +96,7 @@ def train_unigram(out_dir: pathlib.Path, vocab_size: int = 640) -> None:
         unk_token="<unk>",
         show_progress=False,
     )
-    tok.train_from_iterator(_chunks(corpus_text(400_000)), trainer)
+    tok.train_from_iterator(_chunks(text or corpus_text(400_000)), trainer)
     spec = json.loads(tok.to_str())
     pieces = spec["model"]["vocab"]  # [[piece, score], ...]
     floor = min(score for _, score in pieces) - 10.0
@@ -105,15 +111,17 @@ def train_unigram(out_dir: pathlib.Path, vocab_size: int = 640) -> None:
             decoders.Metaspace(replacement="▁", prepend_scheme="always"),
         ]
     )
-    _save(tok, out_dir, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    return _save(tok, out_dir, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
 
 
-def _save(tok, out_dir: pathlib.Path, **special) -> None:
+def _save(tok, out_dir: pathlib.Path | None, **special):
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
     fast.model_max_length = 2048
-    fast.save_pretrained(out_dir)
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
 
 
 TRAINERS = {

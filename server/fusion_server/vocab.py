@@ -153,6 +153,8 @@ class MemberVocab:
     """tokenizer_kind()."""
     fingerprint: str
     """fingerprint() of the unpadded table and the special ids."""
+    encoder: Any = None
+    """Continuation encoder (``feeder.ContinuationEncoder``); None: built from ``tokenizer``."""
 
     def pad_to(self, vocab_size: int) -> None:
         if len(self.table) < vocab_size:

@@ -27,10 +27,13 @@ smallest reported probability, ``fill`` the shared no-opinion fill
   with all weight on ``m`` reproduces ``m``'s greedy output token for token);
 - extension: otherwise, with ``e`` the summed probability of its reported tokens that
   extend ``c`` (``c`` a proper prefix of what they spell),
-  ``p_m(c) = min(p^(k), max(e, fill))``. The cap holds because no token spelling
-  exactly ``c`` is among ``m``'s reported ones, so none is likelier than ``p^(k)``;
-  ``e`` says ``m`` wants text starting with ``c`` but in a longer token;
-- no opinion: ``fill`` (never a silent zero, as for shared ids).
+  ``p_m(c) = min(p^(k) (1 - 1e-6), max(e, fill))``. The cap holds because no token
+  spelling exactly ``c`` is among ``m``'s reported ones, so none is likelier than
+  ``p^(k)``; the 1e-6 margin breaks a tie in favour of a reported token (with k = 1 the
+  cap would otherwise equal m's top-1). ``e`` says ``m`` wants text starting with
+  ``c``, but in a longer token;
+- no opinion: ``min(p^(k) (1 - 1e-6), fill)`` (never a silent zero, as for shared ids;
+  the margin matters only when the fill reaches p^(k): k = 1 on a small vocabulary).
 
 Every policy fuses these ``[R, M, C]`` log-probs as it does shared-id ones; its
 documented formula applies with ``p_i(c)`` read as above.
@@ -47,6 +50,8 @@ from .candidates import CandidateBatch, MemberTopK, flatten_tops, segment_bounds
 
 EOS_KEY = 0
 """Key of the shared EOS candidate."""
+CAP_MARGIN = 1e-6
+"""The extension cap sits this fraction below p^(k): a reported token wins a tie."""
 
 
 @dataclass
@@ -204,9 +209,11 @@ def align_bytes(
     np.add.at(ext, seg[owner[hit]] * n_cand + lookup[pos[hit]], np.exp(lps[owner[hit]]))
     ext = ext.reshape(n_req, n_mem, n_cand)  # [R, M, C]
 
+    log_cap = log_pmin.reshape(n_req, n_mem, 1) + np.log1p(-CAP_MARGIN)  # [R, M, 1]
     with np.errstate(divide="ignore"):
-        capped = np.log(np.minimum(np.exp(log_pmin).reshape(n_req, n_mem, 1), ext))
-    logprobs = np.maximum(capped, fill.reshape(n_req, n_mem, 1))  # [R, M, C]
+        log_ext = np.log(ext)
+    # min(p^(k) (1 - margin), max(e, fill)), in logs: [R, M, C]
+    logprobs = np.minimum(log_cap, np.maximum(log_ext, fill.reshape(n_req, n_mem, 1)))
     # exact entries: the first (likeliest) token of m spelling each candidate
     _, first = np.unique(seg[ent] * max(n_cand, 1) + col[ent], return_index=True)
     ex = ent[first]

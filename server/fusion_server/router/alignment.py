@@ -130,7 +130,7 @@ class ByteAlignment(SharedIds):
             [v.table for v in vocabs], [v.specials for v in vocabs], self.member_eos
         )
         self.encoders = [
-            ContinuationEncoder(m.name, v.tokenizer, v.table, v.specials)
+            v.encoder or ContinuationEncoder(m.name, v.tokenizer, v.table, v.specials)
             for m, v in zip(ensemble.members, vocabs, strict=True)
         ]
         self.max_len = [m.max_model_len for m in ensemble.members]
