@@ -174,3 +174,56 @@ def test_a_members_top1_is_its_best_candidate():
         for m in range(3):
             best = int(np.argmax(batch.logprobs[0, m]))
             assert batch.token_ids[0, m, best] == row[m].ids[0], trial
+
+
+# every policy, fed a byte-aligned batch: the per-policy rule of docs/cross-vocabulary.md
+ONE_MEMBER_SETTINGS = {
+    # policy: (params, roles for member m) such that member m alone decides
+    "mean": ({}, {}),
+    "product": ({}, {}),
+    "max": ({}, {}),
+    "entropy": ({}, {}),
+    "vote": ({}, {}),
+    "packllm": ({}, {}),
+    "gate": ({"tau": 2.0}, {"primary": "m"}),  # tau > 1: everyone consulted, pooled
+    "contrastive": ({"beta": 0.0}, {"expert": "m", "amateur": "other"}),
+    "proxy": ({"alpha": 0.0}, {"base": "m", "expert": "other", "anti": "third"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_MEMBER_SETTINGS))
+def test_every_policy_on_byte_candidates_follows_a_lone_member(name):
+    """All weight (or the deciding role) on member m: the fused argmax is m's top-1."""
+    from fusion_server.fusion.policies import POLICIES
+
+    rng = np.random.default_rng(7)
+    tables = [
+        [
+            b"",
+            *sorted({bytes(rng.choice(list(b"ab c"), size=rng.integers(1, 4))) for _ in range(20)}),
+        ]
+        for _ in range(3)
+    ]
+    keys = ByteKeys(tables, [{0}] * 3, [{0}] * 3)
+    names = ["m0", "m1", "m2"]
+    policy = POLICIES[name](names)
+    params_, role_spec = ONE_MEMBER_SETTINGS[name]
+    for trial in range(40):
+        m = trial % 3
+        row = []
+        for table in tables:
+            ids = rng.choice(len(table), size=min(5, len(table)), replace=False)
+            probs = np.sort(rng.dirichlet(np.ones(len(table)) * 0.3)[ids])[::-1]
+            row.append(MemberTopK(ids.astype(np.int64), np.log(np.maximum(probs, 1e-300))))
+        batch = align_bytes(keys, [row], [[b"", b"", b""]])
+        others = [j for j in range(3) if j != m]
+        who = {"m": names[m], "other": names[others[0]], "third": names[others[1]]}
+        roles = {who[k]: role for role, k in role_spec.items()}
+        weights = np.eye(3)[m][None, :]
+        params = [policy.validate_params(params_)]
+        args = (batch.logprobs, batch.mask, weights, params)
+        if policy.roles:
+            args += ([policy.validate_roles(names, roles)],)
+        fused = policy.fuse(*args)
+        assert np.isclose(np.logaddexp.reduce(fused[0][batch.mask[0]]), 0.0)
+        assert batch.token_ids[0, m, int(np.argmax(fused[0]))] == row[m].ids[0], (name, trial)
