@@ -166,21 +166,22 @@ def align_bytes(
     slow = np.zeros(ids.size, dtype=bool)
     extra_owner: list[int] = []
     extra_key: list[int] = []
-    bounds = np.searchsorted(seg, np.arange(n_seg + 1))
-    for r in range(n_req):
-        for m in range(n_mem):
-            s = r * n_mem + m
-            lo, hi = bounds[s], bounds[s + 1]
-            copied = sources is not None and sources[r][m] != m
-            if not (copied or held[r][m]) or lo == hi:
-                continue
-            slow[lo:hi] = True
-            for e in range(lo, hi):
-                k, pre = (-1, []) if copied else _relative(keys, m, int(ids[e]), held[r][m])
-                key[e] = k
-                live[e] = k >= 0
-                extra_owner += [e] * len(pre)
-                extra_key += pre
+    bounds = np.searchsorted(seg, np.arange(n_seg + 1))  # [S + 1] entries of each segment
+    special = [
+        (r, m, sources is not None and sources[r][m] != m)
+        for r in range(n_req)
+        for m in range(n_mem)
+        if held[r][m] or (sources is not None and sources[r][m] != m)
+    ]
+    for r, m, copied in special:
+        lo, hi = bounds[r * n_mem + m], bounds[r * n_mem + m + 1]
+        slow[lo:hi] = True
+        for e in range(lo, hi):
+            k, pre = (-1, []) if copied else _relative(keys, m, int(ids[e]), held[r][m])
+            key[e] = k
+            live[e] = k >= 0
+            extra_owner += [e] * len(pre)
+            extra_key += pre
     if drop_eos:
         live &= key != EOS_KEY
     fast = ~slow[owner]
