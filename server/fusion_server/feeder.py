@@ -82,7 +82,13 @@ class ContinuationEncoder:
 
         self.name = name
         self.table = table
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(
+                f"member {name!r}: byte alignment needs a fast tokenizer (a tokenizer.json), "
+                f"got {type(tokenizer).__name__}"
+            )
+        spec = json.loads(backend.to_str())
         for key in ("normalizer", "pre_tokenizer"):
             spec[key] = _continuation_spec(spec.get(key))
         spec["post_processor"] = None

@@ -115,3 +115,11 @@ def test_take_feeds_the_proposed_token_and_clears_what_was_held(encoder):
 )
 def test_incomplete_tail(data, tail):
     assert incomplete_tail(data) == tail
+
+
+def test_slow_tokenizer_is_refused_by_name():
+    class Slow:
+        pass
+
+    with pytest.raises(ValueError, match="member 'x': byte alignment needs a fast tokenizer"):
+        ContinuationEncoder("x", Slow(), [b""], set())
