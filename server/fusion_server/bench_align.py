@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import time
 
 from .bench import MIN_SECONDS, REPEATS, _closed_loop, _total, footer, make_prompts, run_request
 from .config import EnsembleConfig
@@ -79,20 +80,25 @@ async def _main(config: EnsembleConfig, policy: str, levels: list[int], n: int) 
         same = sum(a[1] == b[1] for a, b in zip(*warm, strict=True))
         rows = []
         for conc in levels:
-            rates: dict[str, list[float]] = {a: [] for a in ALIGNMENTS}
-            fuse_us: dict[str, float] = {}
+            runs: dict[str, list[tuple[float, float, float]]] = {a: [] for a in ALIGNMENTS}
             for _ in range(REPEATS):
                 for name, d in zip(ALIGNMENTS, drivers, strict=True):
                     stats = d.router.stats
                     rows_before, secs_before = stats.fused_rows, stats.fuse_seconds
+                    cpu_before = time.process_time()
                     tokens, seconds = 0, 0.0
                     while seconds < MIN_SECONDS:
                         t, s = await _closed_loop(conc, _total(conc), d.one)
                         tokens, seconds = tokens + t, seconds + s
-                    rates[name].append(tokens / seconds)
-                    done = stats.fused_rows - rows_before
-                    fuse_us[name] = (stats.fuse_seconds - secs_before) / max(done, 1) * 1e6
-            rows.append((conc, {k: statistics.median(v) for k, v in rates.items()}, fuse_us))
+                    done = max(stats.fused_rows - rows_before, 1)
+                    runs[name].append(
+                        (
+                            tokens / seconds,
+                            (stats.fuse_seconds - secs_before) / done * 1e6,
+                            (time.process_time() - cpu_before) / max(tokens, 1) * 1e6,
+                        )
+                    )
+            rows.append((conc, runs))
     finally:
         for router in routers:
             await router.stop()
@@ -106,24 +112,34 @@ def _render(rows, n: int, policy: str, members: list[str], same: int, checked: i
         f"members {', '.join(members)}; medians of {REPEATS} interleaved repeats)",
         "",
         "| conc | shared-ids tok/s | bytes tok/s | bytes/shared | fuse µs/row shared | "
-        "fuse µs/row bytes |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "fuse µs/row bytes | router CPU µs/token shared | router CPU µs/token bytes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for conc, rate, fuse in rows:
+    ratios = {}
+    for conc, runs in rows:
+        med = {a: [statistics.median(r[j] for r in runs[a]) for j in range(3)] for a in runs}
+        shared, byte = med["shared-ids"], med["bytes"]
+        ratios[conc] = byte[0] / shared[0]
         lines.append(
-            f"| {conc} | {rate['shared-ids']:,.0f} | {rate['bytes']:,.0f} | "
-            f"{rate['bytes'] / rate['shared-ids']:.2f}× | {fuse['shared-ids']:.0f} | "
-            f"{fuse['bytes']:.0f} |"
+            f"| {conc} | {shared[0]:,.0f} | {byte[0]:,.0f} | {ratios[conc]:.2f}× | "
+            f"{shared[1]:.0f} | {byte[1]:.0f} | {shared[2]:.0f} | {byte[2]:.0f} |"
         )
     lines += ["", "Target (issue 3): bytes/shared ≥ 0.80× at concurrency 32."]
-    for conc, rate, _ in rows:
-        if conc == 32:
-            ratio = rate["bytes"] / rate["shared-ids"]
-            lines.append(f"- conc 32: {ratio:.2f}× ({'met' if ratio >= 0.8 else 'NOT met'})")
+    if 32 in ratios:
+        ok = "met" if ratios[32] >= 0.8 else "NOT met"
+        lines.append(f"- conc 32: {ratios[32]:.2f}× ({ok})")
     lines += [
         "",
         f"- same greedy tokens on {same}/{checked} warm-up requests (see the module docstring)",
+        "- router CPU: CPU time of this process (router and vLLM front-ends, no gRPC) per fused token",
+        "",
+        "Every repeat, in run order (tok/s, fuse µs/row, router CPU µs/token):",
+        "",
     ]
+    for conc, runs in rows:
+        for name, each in runs.items():
+            text = ", ".join(f"{a:,.0f} / {b:.0f} / {c:.0f}" for a, b, c in each)
+            lines.append(f"- conc {conc}, {name}: {text}")
     return "\n".join(lines + footer())
 
 

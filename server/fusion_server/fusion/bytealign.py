@@ -192,23 +192,22 @@ def align_bytes(
     ent = np.flatnonzero(live)
     req = seg // n_mem
     space = len(keys)
-    cand, col_ent = union_columns(req[ent], key[ent], n_req, space)  # [R, C], [E]
+    # uniq: every candidate as r * space + key, sorted; lookup: its column
+    cand, col_ent, uniq, lookup = union_columns(req[ent], key[ent], n_req, space)
     n_cand = cand.shape[1]
     col = np.full(ids.size, -1, dtype=np.int64)
     col[ent] = col_ent
     mask = cand >= 0  # [R, C]
 
     # extension mass: reported tokens of m whose bytes properly extend a candidate
-    uniq = np.unique(req[ent] * space + key[ent])  # every candidate, sorted by (r, key)
-    lookup = np.empty(uniq.size, dtype=np.int64)  # sorted candidate -> its column
-    r_of, c_of = np.nonzero(mask)
-    lookup[np.searchsorted(uniq, r_of * space + cand[r_of, c_of])] = c_of
     probe = req[owner] * space + pkey  # [P]
     pos = np.minimum(np.searchsorted(uniq, probe), max(uniq.size - 1, 0))
     hit = live[owner] & (uniq[pos] == probe) if uniq.size else np.zeros(owner.size, bool)
-    ext = np.zeros(n_seg * n_cand)
-    np.add.at(ext, seg[owner[hit]] * n_cand + lookup[pos[hit]], np.exp(lps[owner[hit]]))
-    ext = ext.reshape(n_req, n_mem, n_cand)  # [R, M, C]
+    ext = np.bincount(
+        seg[owner[hit]] * n_cand + lookup[pos[hit]],
+        weights=np.exp(lps[owner[hit]]),
+        minlength=n_seg * n_cand,
+    ).reshape(n_req, n_mem, n_cand)  # [R, M, C]
 
     log_cap = log_pmin.reshape(n_req, n_mem, 1) + np.log1p(-CAP_MARGIN)  # [R, M, 1]
     with np.errstate(divide="ignore"):

@@ -100,9 +100,10 @@ def union_columns(req: np.ndarray, keys: np.ndarray, n_req: int, key_space: int)
     """Union of each request's keys, by first appearance (entries in (r, m, rank) order).
 
     req, keys: [N] request and key (0 <= key < key_space) of every entry. Returns
-    (candidate keys [R, C] padded with -1, the candidate column of each entry [N]).
+    (candidate keys [R, C] padded with -1, the candidate column of each entry [N],
+    the sorted distinct ``req * key_space + key`` [U], the column of each of those [U]).
     """
-    _, first, inverse = np.unique(req * key_space + keys, return_index=True, return_inverse=True)
+    uniq, first, inverse = np.unique(req * key_space + keys, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")  # unique candidates by appearance
     cand_req = req[first[order]]  # [U] request of each candidate
     per_req = np.bincount(cand_req, minlength=n_req)  # [R]
@@ -112,7 +113,7 @@ def union_columns(req: np.ndarray, keys: np.ndarray, n_req: int, key_space: int)
     n_cand = int(per_req.max()) if n_req else 0
     out = np.full((n_req, n_cand), -1, dtype=np.int64)  # [R, C]
     out[cand_req, cand_col] = keys[first[order]]
-    return out, col_of_unique[inverse.reshape(-1)]
+    return out, col_of_unique[inverse.reshape(-1)], uniq, col_of_unique
 
 
 def align_shared(tops: list[list[MemberTopK]], vocab_size: int) -> CandidateBatch:
@@ -132,7 +133,7 @@ def align_shared(tops: list[list[MemberTopK]], vocab_size: int) -> CandidateBatc
     req, mem = seg // max(n_mem, 1), seg % max(n_mem, 1)  # [N]
     fill = segment_bounds(lps, seg, n_req * n_mem, vocab_size)[1].reshape(n_req, n_mem)  # [R, M]
 
-    out_ids, col = union_columns(req, ids, n_req, vocab_size)  # [R, C], [N]
+    out_ids, col, _, _ = union_columns(req, ids, n_req, vocab_size)  # [R, C], [N]
     n_cand = out_ids.shape[1]
     mask = out_ids >= 0  # [R, C]
     in_topk = np.zeros((n_req, n_mem, n_cand), dtype=bool)  # [R, M, C]
