@@ -25,7 +25,7 @@ import json
 import pathlib
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -153,6 +153,8 @@ class MemberVocab:
     """tokenizer_kind()."""
     fingerprint: str
     """fingerprint() of the unpadded table and the special ids."""
+    special_names: dict[int, str] = field(default_factory=dict)
+    """Special id -> its token text ("<s>"): members share a special candidate by name."""
     encoder: Any = None
     """Continuation encoder (``feeder.ContinuationEncoder``); None: built from ``tokenizer``."""
 
@@ -181,6 +183,7 @@ def eos_ids(tokenizer, model_dir: str | None = None) -> frozenset[int]:
 def load_member_vocab(tokenizer, model_dir: str | None = None) -> MemberVocab:
     table = byte_table(tokenizer)
     specials = frozenset(special_ids(tokenizer))
+    names = tokenizer.convert_ids_to_tokens(sorted(specials))
     return MemberVocab(
         tokenizer=tokenizer,
         table=table,
@@ -188,4 +191,5 @@ def load_member_vocab(tokenizer, model_dir: str | None = None) -> MemberVocab:
         eos_ids=eos_ids(tokenizer, model_dir),
         kind=tokenizer_kind(tokenizer),
         fingerprint=fingerprint(table, specials),
+        special_names={i: n for i, n in zip(sorted(specials), names, strict=True) if n},
     )

@@ -227,3 +227,13 @@ def test_every_policy_on_byte_candidates_follows_a_lone_member(name):
         fused = policy.fuse(*args)
         assert np.isclose(np.logaddexp.reduce(fused[0][batch.mask[0]]), 0.0)
         assert batch.token_ids[0, m, int(np.argmax(fused[0]))] == row[m].ids[0], (name, trial)
+
+
+def test_specials_with_the_same_name_are_one_candidate():
+    names = [{0: "</s>", 1: "<s>"}, {0: "</s>", 9: "<s>"}]
+    keys = ByteKeys([TABLE_A, TABLE_B], SPECIALS, EOS, names)
+    a = top([(1, 0.5), (8, 0.3)])
+    b = top([(9, 0.4), (5, 0.3)])
+    batch = align_bytes(keys, [[a, b]], [[b"", b""]])
+    assert spelled(keys, batch) == [b"", b"x", b"the"]
+    assert batch.token_ids[0, :, 0].tolist() == [1, 9]  # each member's own "<s>"

@@ -105,9 +105,9 @@ async def test_a_split_character_is_held_by_the_other_member():
     ]
 
 
-async def test_a_special_token_feeds_only_its_member():
+async def test_a_special_token_feeds_only_the_members_reporting_it():
     members = [
-        FakeMember("a", scripted_model([X] * 20, seed=1)),
+        FakeMember("a", scripted_model([X] * 20, seed=1), top_k=1),  # never reports BOS
         FakeMember("b", scripted_model([X, BOS, Y], seed=2)),
     ]
     async with mixed_router(members) as router:
@@ -180,3 +180,40 @@ async def test_concurrent_requests_match_alone():
         alone = [await one(router, i) for i in range(8)]
         together = await asyncio.gather(*(one(router, i) for i in range(8)))
     assert together == alone
+
+
+@pytest.mark.parametrize(("eos", "text"), [("fused", "xyz"), ("any", "xy"), ("primary", "xyz")])
+async def test_eos_modes_on_shared_ids(eos, text):
+    """The same rule on the shared-id path (b is member 0: its EOS comes after "xyz")."""
+    members = [
+        FakeMember("b", scripted_model([X, Y, Z], seed=2), weight=3.0),
+        FakeMember("a", scripted_model([X, Y], seed=1)),
+    ]
+    router = Router(make_ensemble(members, eos=eos), 64)
+    assert router.alignment.name == "shared-ids"
+    router.start()
+    try:
+        out = await drive(router, make_request(router, max_tokens=20))
+    finally:
+        await asyncio.wait_for(router.stop(), TIMEOUT)
+    assert out.finish is FinishReason.EOS
+    assert out.text == text
+
+
+@pytest.mark.parametrize(("alignment", "expected"), [("auto", "shared-ids"), ("bytes", "bytes")])
+async def test_identical_tables_share_ids_unless_forced(alignment, expected):
+    script = [HE, LLO_W, X, BOS, Y]
+    members = [FakeMember(n, scripted_model(script, seed=i)) for i, n in enumerate("ab")]
+    ensemble = make_ensemble(members, tables=[TABLE_B, TABLE_B], alignment=alignment)
+    assert ensemble.alignment == expected
+    router = Router(ensemble, 64)
+    assert router.alignment.name == expected
+    router.start()
+    try:
+        out = await drive(router, make_request(router, max_tokens=20, logprobs=1))
+    finally:
+        await asyncio.wait_for(router.stop(), TIMEOUT)
+    assert out.tokens == [*script, EOS]  # both paths: the same tokens, the same feeding
+    assert out.text == "hello wxy"
+    for s in sessions(members, out.request):
+        assert s.chunks[1:] == [[t] for t in script]

@@ -14,7 +14,9 @@ back ``h_m`` (bytes of the output it has not been sent: an incomplete UTF-8 tail
 ``bytes(t)[len(h_m):]`` if ``bytes(t)`` starts with ``h_m`` and is longer, and is no
 candidate otherwise. Every member's EOS token is one shared EOS candidate (key 0;
 dropped when the ensemble stops by member instead, ``fusion.eos``); any other token
-that spells no bytes (BOS, PAD, unused ids) is a candidate of its own member only.
+that spells no bytes (BOS, PAD, ``<|im_start|>``) is one candidate per token name,
+shared by the members that have a special token of that name; an id with no name
+(unused embedding rows) is a candidate of its own member only.
 
 Scores: member ``m``'s probability of candidate ``c`` (p: probabilities, ``p^(k)`` its
 smallest reported probability, ``fill`` the shared no-opinion fill
@@ -67,8 +69,9 @@ class ByteCandidateBatch(CandidateBatch):
 class ByteKeys:
     """Every byte string the members' tokens spell, and their proper prefixes, as int keys.
 
-    Built once per ensemble from the members' byte tables. Key 0 is EOS; each
-    member's other no-byte tokens get private keys. Keys of byte strings met later
+    Built once per ensemble from the members' byte tables. Key 0 is EOS; other
+    no-byte tokens are keyed by their name (``special_names[m][id]``, e.g. "<s>"),
+    or privately per member when they have none. Keys of byte strings met later
     (suffixes of tokens past a member's held-back bytes) are added on demand.
     """
 
@@ -77,6 +80,7 @@ class ByteKeys:
         tables: Sequence[Sequence[bytes]],
         specials: Sequence[set[int] | frozenset[int]],
         eos_ids: Sequence[set[int] | frozenset[int]],
+        special_names: Sequence[dict[int, str]] | None = None,
     ):
         self._index: dict[object, int] = {}
         self.spelled: list[bytes] = []  # key -> bytes (b"" for EOS and private keys)
@@ -92,7 +96,9 @@ class ByteKeys:
                     token_key.append(EOS_KEY)
                     prefix_counts.append(0)
                 elif not spelled or t in self.specials[m]:
-                    token_key.append(self.intern(("private", m, t), b""))
+                    name = special_names[m].get(t) if special_names else None
+                    marker = ("special", name) if name else ("private", m, t)
+                    token_key.append(self.intern(marker, b""))
                     prefix_counts.append(0)
                 else:
                     token_key.append(self.intern(spelled))

@@ -127,7 +127,10 @@ class ByteAlignment(SharedIds):
         super().__init__(ensemble, eos_mode)
         vocabs = ensemble.vocabs
         self.keys = ByteKeys(
-            [v.table for v in vocabs], [v.specials for v in vocabs], self.member_eos
+            [v.table for v in vocabs],
+            [v.specials for v in vocabs],
+            self.member_eos,
+            [v.special_names for v in vocabs],
         )
         self.encoders = [
             v.encoder or ContinuationEncoder(m.name, v.tokenizer, v.table, v.specials)
