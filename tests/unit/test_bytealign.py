@@ -237,3 +237,30 @@ def test_specials_with_the_same_name_are_one_candidate():
     batch = align_bytes(keys, [[a, b]], [[b"", b""]])
     assert spelled(keys, batch) == [b"", b"x", b"the"]
     assert batch.token_ids[0, :, 0].tolist() == [1, 9]  # each member's own "<s>"
+
+
+def test_shared_ids_are_the_special_case_without_extensions():
+    """Identical tables where no token extends another: byte scores == shared-id scores."""
+    from fusion_server.fusion.candidates import align_shared
+
+    table = [b""] + [bytes([a, b]) for a in b"abcd" for b in b"wxyz"]  # no proper prefixes
+    keys = ByteKeys([table, table], [{0}, {0}], [{0}, {0}])
+    rng = np.random.default_rng(3)
+    rows = []
+    for _ in range(10):
+        row = []
+        for _ in range(2):
+            ids = rng.choice(len(table), size=5, replace=False)
+            probs = np.sort(rng.dirichlet(np.ones(len(table)))[ids])[::-1]
+            row.append(MemberTopK(ids.astype(np.int64), np.log(probs)))
+        rows.append(row)
+    shared = align_shared(rows, len(table))
+    byte = align_bytes(keys, rows, [[b"", b""]] * len(rows))
+    for r in range(len(rows)):
+        ids = [i for i in shared.ids[r] if i >= 0]
+        assert spelled(keys, byte, r)[: len(ids)] == [table[i] for i in ids]
+        n = len(ids)
+        np.testing.assert_allclose(
+            byte.logprobs[r, :, :n], shared.logprobs[r, :, :n], rtol=0, atol=2e-6
+        )
+        assert (byte.in_topk[r, :, :n] == shared.in_topk[r, :, :n]).all()
