@@ -149,6 +149,37 @@ async def _measure(conc: int, total: int, one: Callable[[int], Awaitable[int]]):
     return tokens / seconds, seconds, passes
 
 
+async def run_request(router, request) -> tuple[int, list[int]]:
+    """Submit to the router, read to the end, release: (completion tokens, detail ids)."""
+    router.submit(request)
+    tokens: list[int] = []
+    try:
+        while True:
+            event = await request.events.get()
+            if isinstance(event, BaseException):
+                raise event
+            tokens.extend(t.token_id for t in event.tokens)
+            if event.finish_reason is not None:
+                return event.completion_tokens, tokens
+    finally:
+        await router.release(request)
+
+
+def footer() -> list[str]:
+    """Date and command lines that end every bench report."""
+    return [
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "Command:",
+        "",
+        "```",
+        _command(),
+        "```",
+        "",
+    ]
+
+
 # -- the benchmark ---------------------------------------------------------------------
 class _Bench:
     def __init__(self, ensemble, config: EnsembleConfig, policy_name: str, max_tokens: int):
@@ -281,19 +312,7 @@ class _Bench:
         )
 
     async def fused_run(self, i: int, details: bool = False) -> tuple[int, list[int]]:
-        request = self.build_request(i, details)
-        self.router.submit(request)
-        tokens: list[int] = []
-        try:
-            while True:
-                event = await request.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                tokens.extend(t.token_id for t in event.tokens)
-                if event.finish_reason is not None:
-                    return event.completion_tokens, tokens
-        finally:
-            await self.router.release(request)
+        return await run_request(self.router, self.build_request(i, details))
 
     async def fused_one(self, i: int) -> int:
         return (await self.fused_run(i))[0]

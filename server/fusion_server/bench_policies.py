@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
 from dataclasses import dataclass, field
 
-from .bench import MIN_SECONDS, REPEATS, _closed_loop, _command, _total, make_prompts
+from .bench import MIN_SECONDS, REPEATS, _closed_loop, _total, footer, make_prompts
 from .config import EnsembleConfig
 from .fusion.policies import normalize_weights
 from .router.request import FusionRequest, GenerateParams
@@ -151,18 +150,7 @@ def _render(specs: list[PolicySpec], rows, n: int) -> str:
             for s in specs
         ]
         lines.append(f"| {conc} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        "Command:",
-        "",
-        "```",
-        _command(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + footer())
 
 
 def run_policy_bench(config: EnsembleConfig, args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_policies import run_policy_bench
 
         return run_policy_bench(config, args)
+    if args.alignment:
+        from .bench_align import run_alignment_bench
+
+        return run_alignment_bench(config, args)
     from .bench import run_bench
 
     return run_bench(config, args)
@@ -127,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         help="compare policies instead: 'name[:k=v,...];...' (numeric v: parameter, else member role), "
         "e.g. 'mean;gate:tau=0.5,alpha=primary'",
+    )
+    bench.add_argument(
+        "--alignment",
+        action="store_true",
+        help="compare shared-id and byte alignment on the same members (they must share ids)",
     )
     bench.set_defaults(func=_bench)
     _add_distill(sub)

@@ -67,6 +67,10 @@ class MemberConfig:
             raise ConfigError(f"{path}.engine.model", "set the model with members[].model")
 
 
+FUSION_EOS = ("fused", "any", "primary")
+FUSION_ALIGNMENTS = ("auto", "bytes")
+
+
 @dataclass
 class FusionConfig:
     """How members' distributions are combined by default."""
@@ -83,8 +87,20 @@ class FusionConfig:
     """When a member's engine dies mid-request: "fail" ends the request with
     UNAVAILABLE; "degrade" lets it continue on the remaining members (weight 0 for the
     lost one) unless the lost member holds a policy role or was the last one."""
+    eos: str = "fused"
+    """When a request ends on EOS: "fused" (EOS is a candidate; it wins), "any" (a member
+    with weight > 0 picks its EOS as top-1) or "primary" (the primary / first member does)."""
+    alignment: str = "auto"
+    """"auto": shared ids when every member's byte table is identical, else byte
+    alignment; "bytes": byte alignment always (benchmarks, debugging)."""
 
     def check(self, path: str) -> None:
+        for name, allowed in (("eos", FUSION_EOS), ("alignment", FUSION_ALIGNMENTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{path}.{name}",
+                    f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
+                )
         if not isinstance(self.policy, str) or not self.policy:
             raise ConfigError(f"{path}.policy", "must be a policy name")
         if self.on_member_failure not in ("fail", "degrade"):

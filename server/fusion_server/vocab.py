@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
 import re
 import struct
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -133,3 +135,61 @@ def fingerprint(table: list[bytes], special_ids: set[int] | frozenset[int]) -> s
     h.update(struct.pack("<Q", len(ids)))
     h.update(struct.pack(f"<{len(ids)}q", *ids))
     return h.hexdigest()
+
+
+@dataclass
+class MemberVocab:
+    """One member's tokenizer as the router needs it."""
+
+    tokenizer: Any
+    """The Hugging Face tokenizer (prompts, continuation encoding)."""
+    table: list[bytes]
+    """id -> bytes, padded to the model's embedding rows once the engine is up."""
+    specials: frozenset[int]
+    """Special ids (they spell b"")."""
+    eos_ids: frozenset[int]
+    """Ids that end generation: the tokenizer's EOS and the model's generation_config ones."""
+    kind: str
+    """tokenizer_kind()."""
+    fingerprint: str
+    """fingerprint() of the unpadded table and the special ids."""
+    special_names: dict[int, str] = field(default_factory=dict)
+    """Special id -> its token text ("<s>"): members share a special candidate by name."""
+    encoder: Any = None
+    """Continuation encoder (``feeder.ContinuationEncoder``); None: built from ``tokenizer``."""
+
+    def pad_to(self, vocab_size: int) -> None:
+        if len(self.table) < vocab_size:
+            self.table = self.table + [b""] * (vocab_size - len(self.table))
+
+
+def eos_ids(tokenizer, model_dir: str | None = None) -> frozenset[int]:
+    """The tokenizer's EOS id plus generation_config.json's ``eos_token_id`` (int or list)
+    when ``model_dir`` is a local directory that has one (what vLLM stops on)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    if model_dir is not None:
+        path = pathlib.Path(model_dir) / "generation_config.json"
+        try:
+            extra = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            extra = None
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif isinstance(extra, list):
+            ids.update(int(i) for i in extra if isinstance(i, int))
+    return frozenset(ids)
+
+
+def load_member_vocab(tokenizer, model_dir: str | None = None) -> MemberVocab:
+    table = byte_table(tokenizer)
+    specials = frozenset(special_ids(tokenizer))
+    names = tokenizer.convert_ids_to_tokens(sorted(specials))
+    return MemberVocab(
+        tokenizer=tokenizer,
+        table=table,
+        specials=specials,
+        eos_ids=eos_ids(tokenizer, model_dir),
+        kind=tokenizer_kind(tokenizer),
+        fingerprint=fingerprint(table, specials),
+        special_names={i: n for i, n in zip(sorted(specials), names, strict=True) if n},
+    )

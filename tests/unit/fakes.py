@@ -22,6 +22,7 @@ from fusion_server import config as config_module
 from fusion_server.config import EnsembleConfig, FusionConfig, MemberConfig
 from fusion_server.fusion.candidates import MemberTopK
 from fusion_server.router.ensemble import Ensemble
+from fusion_server.vocab import MemberVocab
 
 # -- vocabulary -------------------------------------------------------------------
 EOS = 256
@@ -46,6 +47,29 @@ TABLE: list[bytes] = (
     ]
 )
 assert len(TABLE) == VOCAB
+
+
+# A second vocabulary over the same ids: bytes, EOS, BOS, then other multi-byte pieces.
+HE, LLO_W, SHI_TAIL, E_ACUTE_BANG, ORLD = 258, 259, 260, 261, 262
+TABLE_B: list[bytes] = [
+    *TABLE[:258],
+    b"he",
+    b"llo w",
+    "世".encode()[1:],  # the last two bytes of "世"
+    "é!".encode(),
+    b"orld",
+]
+assert len(TABLE_B) == VOCAB
+
+
+class FakeEncoder:
+    """Continuation encoding for the fake vocabularies: one id per byte."""
+
+    def __init__(self, table: list[bytes]):
+        self.table = table
+
+    def encode(self, data: bytes) -> list[int]:
+        return list(data)
 
 
 def byte_id(ch: str) -> int:
@@ -239,21 +263,43 @@ class FakeMember:
         pass
 
 
-def make_ensemble(members: list[FakeMember], policy: str = "mean") -> Ensemble:
+def make_ensemble(
+    members: list[FakeMember],
+    policy: str = "mean",
+    tables: list[list[bytes]] | None = None,
+    **fusion,
+) -> Ensemble:
+    """tables: one byte table per member (differing tables: byte alignment)."""
     # MemberConfig.check imports vLLM to list its engine settings (seconds); the fake
     # members have no engine settings, so skip that.
     with mock.patch.object(config_module, "_engine_arg_names", set):
         config = EnsembleConfig(
             members=[m.config for m in members],
-            fusion=FusionConfig(policy=policy, top_k=max(m.top_k for m in members)),
+            fusion=FusionConfig(policy=policy, top_k=max(m.top_k for m in members), **fusion),
         )
+    vocabs = None
+    if tables is not None:
+        vocabs = [
+            MemberVocab(
+                tokenizer=FakeTokenizer(),
+                table=list(table),
+                specials=frozenset({EOS, BOS}),
+                special_names={EOS: "<eos>", BOS: "<bos>"},
+                eos_ids=frozenset({EOS}),
+                kind="fake",
+                fingerprint=hashlib.sha256(repr(table).encode()).hexdigest(),
+                encoder=FakeEncoder(table),
+            )
+            for table in tables
+        ]
     return Ensemble(
         config=config,
         members=members,
         tokenizer=FakeTokenizer(),
-        table=list(TABLE),
+        table=list(tables[0] if tables else TABLE),
         eos_ids=frozenset({EOS}),
         vocab_size=VOCAB,
         fingerprint="fake",
         kind="fake",
+        vocabs=vocabs,
     )

@@ -24,6 +24,7 @@ def test_minimal_config_loads_with_defaults():
     assert [m.name for m in cfg.members] == ["alpha", "beta"]
     assert cfg.members[1].weight == 1.0
     assert cfg.fusion.top_k == 20 and cfg.limits.max_tokens >= cfg.limits.default_max_tokens
+    assert (cfg.fusion.eos, cfg.fusion.alignment) == ("fused", "auto")
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,8 @@ def test_minimal_config_loads_with_defaults():
         (lambda d: d["fusion"].update(top_k=0), "fusion.top_k"),
         (lambda d: d["fusion"].update(top_k=1000), "fusion.top_k"),
         (lambda d: d["fusion"].update(policy=""), "fusion.policy"),
+        (lambda d: d["fusion"].update(eos="first"), "fusion.eos"),
+        (lambda d: d["fusion"].update(alignment="tokens"), "fusion.alignment"),
         (lambda d: d["server"].update(port=70000), "server.port"),
         (lambda d: d["server"].update(metrics_port=-5), "server.metrics_port"),
         (lambda d: d.update(limits={"max_tokens": 0}), "limits.max_tokens"),

@@ -93,6 +93,7 @@ def make_request(
             params.weights,
         ),
         max_tokens,
+        member_prompt_ids=ensemble.encode_members(prompt),
     )
 
 

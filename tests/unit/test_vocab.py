@@ -165,3 +165,31 @@ def test_fingerprint(byte_level, spiece):
     assert fingerprint(changed, specials) != fingerprint(table, specials)
     assert fingerprint(table, specials | {5}) != fingerprint(table, specials)
     assert fingerprint(byte_table(spiece), special_ids(spiece)) != fingerprint(table, specials)
+
+
+@pytest.fixture(scope="module")
+def unigram():
+    from fusion_server.tinyvocab import train_unigram
+
+    return train_unigram(None, 200, "\n".join(_corpus()))
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_unigram_with_byte_fallback_round_trip(unigram, text):
+    table = byte_table(unigram)
+    ids = unigram.encode(text, add_special_tokens=False)
+    assert tokenizer_kind(unigram) == "sentencepiece"
+    assert _join(table, ids) == b" " + text.encode()  # "always" dummy prefix: a real space
+    assert all(table[i] == b"" for i in special_ids(unigram))
+
+
+def test_member_vocab_eos_from_generation_config(tmp_path, spiece):
+    from fusion_server.vocab import load_member_vocab
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    vocab = load_member_vocab(spiece, str(tmp_path))
+    assert vocab.eos_ids == {spiece.eos_token_id, 2, 7}
+    assert vocab.fingerprint == fingerprint(byte_table(spiece), special_ids(spiece))
+    assert load_member_vocab(spiece, str(tmp_path / "missing")).eos_ids == {spiece.eos_token_id}
+    vocab.pad_to(len(vocab.table) + 3)
+    assert vocab.table[-3:] == [b""] * 3

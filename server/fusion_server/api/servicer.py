@@ -72,7 +72,8 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         params: GenerateParams = params_from_pb(req, self.config.limits, self.config.fusion.top_k)
         choice = self._choose(params)
         ensemble = self._router().ensemble
-        prompt_ids = ensemble.encode(params.prompt)
+        prompts = ensemble.encode_members(params.prompt)  # per member, its own ids
+        prompt_ids = max(prompts, key=len)
         room = ensemble.max_model_len - len(prompt_ids)
         if room < 1:
             raise ValidationError(
@@ -82,12 +83,13 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             )
         return FusionRequest(
             params,
-            prompt_ids,
+            prompts[0],
             choice.policy,
             choice.params,
             choice.weights,
             max_tokens=min(params.max_tokens, room),
             roles=choice.roles,
+            member_prompt_ids=prompts,
         )
 
     async def _fail(self, rpc: str, context, err: BaseException) -> None:
@@ -187,6 +189,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             await self._fail("GetEnsemble", context, err)
             return pb.GetEnsembleResponse()
         ensemble = router.ensemble
+        vocabs = ensemble.vocabs or [None] * len(ensemble.members)
         self.on_rpc_done("GetEnsemble", "OK")
         return pb.GetEnsembleResponse(
             members=[
@@ -195,11 +198,11 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                     model=m.config.model,
                     weight=m.config.weight,
                     vocab_size=m.vocab_size,
-                    tokenizer_fingerprint=ensemble.fingerprint,
-                    tokenizer_kind=ensemble.kind,
+                    tokenizer_fingerprint=v.fingerprint if v else ensemble.fingerprint,
+                    tokenizer_kind=v.kind if v else ensemble.kind,
                     max_model_len=m.max_model_len,
                 )
-                for m in ensemble.members
+                for m, v in zip(ensemble.members, vocabs, strict=True)
             ],
             default_policy=self.config.fusion.policy,
             policies=[
@@ -219,7 +222,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 )
                 for info in describe_policies()
             ],
-            alignment="shared-ids",
+            alignment=router.alignment.name,
             top_k=self.config.fusion.top_k,
             max_tokens_limit=self.config.limits.max_tokens,
             default_max_tokens=self.config.limits.default_max_tokens,

@@ -1,7 +1,8 @@
 """`fusion distill`: data -> teacher signal -> trained student -> export.
 
 Order of work (nothing heavy starts before every input is checked): load the ensemble
-config, read and hash the data, load the ensemble's shared tokenizer, resolve the
+config, read and hash the data, load the ensemble's shared tokenizer (members with
+different vocabularies are refused), resolve the
 student and check that its vocabulary is the ensemble's (a student with another
 vocabulary is refused: the teacher signal lives in the ensemble's ids and no alignment
 to another vocabulary is implemented), tokenize and pack. Only then start the member
@@ -231,7 +232,13 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
     elif settings.mode != "token":
         raise DistillError(f"--mode: {settings.mode!r}: use token or sequence")
     eval_docs = load_documents(settings.eval_data).documents if settings.eval_data else None
-    tokenizer, table, vocab_print = Ensemble.check_tokenizers(config)
+    vocabs = Ensemble.load_vocabs(config)
+    if len({v.fingerprint for v in vocabs}) != 1:
+        raise DistillError(
+            "--config: the members' vocabularies differ; the teacher signal is computed in "
+            "one shared vocabulary (cross-vocabulary distillation is not implemented)"
+        )
+    tokenizer, table, vocab_print = vocabs[0].tokenizer, vocabs[0].table, vocabs[0].fingerprint
     model, student_desc = resolve_student(
         settings.student, config, tokenizer, settings.seq_len, settings.train.seed
     )

@@ -60,8 +60,10 @@ class CandidateBatch:
     """[R, M, C] bool, True where member m reported candidate c in its top-k."""
 
 
-def _flatten(tops: list[list[MemberTopK]], n_mem: int, vocab_size: int):
-    """All reported entries in (request, member, rank) order, with their segment."""
+def flatten_tops(tops: list[list[MemberTopK]], n_mem: int, vocab_size):
+    """All reported entries in (request, member, rank) order, with their segment.
+
+    vocab_size: an int, or [M] one per member (ids are checked against it)."""
     flat = [top for row in tops for top in row]
     ids = [np.asarray(t.ids, dtype=np.int64).reshape(-1) for t in flat]
     lps = [np.asarray(t.logprobs, dtype=np.float64).reshape(-1) for t in flat]
@@ -71,15 +73,18 @@ def _flatten(tops: list[list[MemberTopK]], n_mem: int, vocab_size: int):
             raise ValueError(f"tops[{n // n_mem}][{n % n_mem}]: ids and logprobs differ in length")
     ids = np.concatenate(ids) if flat else np.empty(0, np.int64)  # [N]
     lps = np.concatenate(lps) if flat else np.empty(0)  # [N]
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"tops: token id outside [0, {vocab_size})")
     seg = np.repeat(np.arange(counts.size), counts)  # [N] request * M + member
+    limit = vocab_size if np.ndim(vocab_size) == 0 else np.asarray(vocab_size)[seg % n_mem]
+    if ids.size and (ids.min() < 0 or (ids >= limit).any()):
+        raise ValueError(f"tops: token id outside [0, {vocab_size})")
     return ids, lps, seg
 
 
-def _fill_logprobs(lps: np.ndarray, seg: np.ndarray, n_seg: int, vocab_size: int) -> np.ndarray:
-    """log min(p^(k), r / (V - k)) per (request, member) segment."""
-    # lps, seg: [N] deduplicated entries
+def segment_bounds(lps: np.ndarray, seg: np.ndarray, n_seg: int, vocab_size) -> tuple:
+    """(log p^(k), log fill) per (request, member) segment: its smallest reported
+    probability and the no-opinion fill min(p^(k), r / (V - k)).
+
+    lps, seg: [N] deduplicated entries; vocab_size: an int or [S] per segment."""
     probs = np.exp(lps)
     k = np.bincount(seg, minlength=n_seg)  # [S]
     residual = np.maximum(1.0 - np.bincount(seg, weights=probs, minlength=n_seg), RESIDUAL_FLOOR)
@@ -88,7 +93,27 @@ def _fill_logprobs(lps: np.ndarray, seg: np.ndarray, n_seg: int, vocab_size: int
     np.minimum.at(p_min, seg[positive], probs[positive])
     unseen = vocab_size - k
     spread = np.minimum(p_min, residual / np.maximum(unseen, 1))
-    return np.log(np.where(unseen > 0, spread, p_min))
+    return np.log(p_min), np.log(np.where(unseen > 0, spread, p_min))
+
+
+def union_columns(req: np.ndarray, keys: np.ndarray, n_req: int, key_space: int):
+    """Union of each request's keys, by first appearance (entries in (r, m, rank) order).
+
+    req, keys: [N] request and key (0 <= key < key_space) of every entry. Returns
+    (candidate keys [R, C] padded with -1, the candidate column of each entry [N],
+    the sorted distinct ``req * key_space + key`` [U], the column of each of those [U]).
+    """
+    uniq, first, inverse = np.unique(req * key_space + keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # unique candidates by appearance
+    cand_req = req[first[order]]  # [U] request of each candidate
+    per_req = np.bincount(cand_req, minlength=n_req)  # [R]
+    cand_col = np.arange(order.size) - (np.cumsum(per_req) - per_req)[cand_req]  # [U]
+    col_of_unique = np.empty_like(order)
+    col_of_unique[order] = cand_col
+    n_cand = int(per_req.max()) if n_req else 0
+    out = np.full((n_req, n_cand), -1, dtype=np.int64)  # [R, C]
+    out[cand_req, cand_col] = keys[first[order]]
+    return out, col_of_unique[inverse.reshape(-1)], uniq, col_of_unique
 
 
 def align_shared(tops: list[list[MemberTopK]], vocab_size: int) -> CandidateBatch:
@@ -99,28 +124,17 @@ def align_shared(tops: list[list[MemberTopK]], vocab_size: int) -> CandidateBatc
     n_mem = len(tops[0]) if n_req else 0
     if any(len(row) != n_mem for row in tops):
         raise ValueError("tops: every request needs one top-k per member")
-    ids, lps, seg = _flatten(tops, n_mem, vocab_size)  # [N] each
+    ids, lps, seg = flatten_tops(tops, n_mem, vocab_size)  # [N] each
 
     # duplicates within one member's top-k: keep the first occurrence
     _, first = np.unique(seg * vocab_size + ids, return_index=True)
     keep = np.sort(first)
     ids, lps, seg = ids[keep], lps[keep], seg[keep]
     req, mem = seg // max(n_mem, 1), seg % max(n_mem, 1)  # [N]
-    fill = _fill_logprobs(lps, seg, n_req * n_mem, vocab_size).reshape(n_req, n_mem)  # [R, M]
+    fill = segment_bounds(lps, seg, n_req * n_mem, vocab_size)[1].reshape(n_req, n_mem)  # [R, M]
 
-    # union per request, by first appearance: entries are already in (r, m, rank) order
-    _, first, inverse = np.unique(req * vocab_size + ids, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # unique candidates by appearance
-    cand_req = req[first[order]]  # [U] request of each candidate
-    per_req = np.bincount(cand_req, minlength=n_req)  # [R]
-    cand_col = np.arange(order.size) - (np.cumsum(per_req) - per_req)[cand_req]  # [U]
-    col_of_unique = np.empty_like(order)
-    col_of_unique[order] = cand_col
-    col = col_of_unique[inverse.reshape(-1)]  # [N] candidate column of each entry
-
-    n_cand = int(per_req.max()) if n_req else 0
-    out_ids = np.full((n_req, n_cand), -1, dtype=np.int64)  # [R, C]
-    out_ids[cand_req, cand_col] = ids[first[order]]
+    out_ids, col, _, _ = union_columns(req, ids, n_req, vocab_size)  # [R, C], [N]
+    n_cand = out_ids.shape[1]
     mask = out_ids >= 0  # [R, C]
     in_topk = np.zeros((n_req, n_mem, n_cand), dtype=bool)  # [R, M, C]
     in_topk[req, mem, col] = True

@@ -103,14 +103,17 @@ class FusionRequest:
         weights: np.ndarray,
         max_tokens: int,
         roles: dict[str, tuple[int, ...]] | None = None,
+        member_prompt_ids: list[list[int]] | None = None,
     ) -> None:
         self.params = params
         self.prompt_ids = prompt_ids
+        n = len(weights)
+        # per member: the prompt in its own vocabulary (differs under byte alignment)
+        self.member_prompt_ids = member_prompt_ids or [prompt_ids] * n
         self.policy = policy
         self.policy_params = policy_params
         self.weights = weights  # [M], sums to 1
         self.roles = roles or {}  # role -> member indices
-        n = len(weights)
         self.stats = StepStats(consulted=[0] * n, agreed=[0] * n)
         self.pending: list[list[int]] = [[] for _ in range(n)]  # ids not yet sent, per member
         self.consulted: list[bool] = [True] * n  # members whose top-k this step has
@@ -120,6 +123,8 @@ class FusionRequest:
         self.text = TextAssembler(params.stop)
         self.sessions: list[Any] = []
         self.tops: list[Any] = []  # per member MemberTopK of the pending step
+        self.own_tops: list[Any] = [None] * n  # per member: the last top-k it returned
+        self.align_state: Any = None  # the alignment strategy's per-request state
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None

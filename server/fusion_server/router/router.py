@@ -30,9 +30,10 @@ from collections.abc import Callable
 import numpy as np
 
 from ..engines.member import EngineUnavailable
-from ..fusion.candidates import MemberTopK, align_shared
+from ..fusion.candidates import MemberTopK
 from ..fusion.policies import Policy, resolve_policy
 from ..fusion.sampler import sample
+from .alignment import Pick, make_alignment
 from .ensemble import Ensemble
 from .request import Delta, FinishReason, FusionRequest, MemberDetail, TokenDetail
 from .stats import RouterStats
@@ -54,8 +55,10 @@ class Router:
         stats: RouterStats | None = None,
         max_queued: int = 0,
         degrade: bool = False,
+        alignment: str | None = None,
     ):
         self.ensemble = ensemble
+        self.alignment = make_alignment(ensemble, alignment)  # shared ids or bytes
         self.max_running = max_running
         self.max_queued = max_queued
         self.degrade = degrade
@@ -152,7 +155,7 @@ class Router:
         self.running[request.id] = request
         request.started = time.perf_counter()
         self.stats.on_submit(request)
-        self._feed(request, request.prompt_ids)
+        self._feed_each(request, self.alignment.prompts(request))
 
     async def release(self, request: FusionRequest) -> None:
         """End a request's member sessions (finished, failed, cancelled or timed out)."""
@@ -165,6 +168,12 @@ class Router:
         await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
         self.stats.on_release(request)
         self._grant()
+
+    def _feed_each(self, request: FusionRequest, ids: list[list[int]]) -> None:
+        """Append each member's own ids (byte alignment: they differ), then step."""
+        for pending, own in zip(request.pending, ids, strict=True):
+            pending.extend(own)
+        self._feed(request, [])
 
     def _feed(self, request: FusionRequest, ids: list[int]) -> None:
         request.step_task = asyncio.get_running_loop().create_task(self._step(request, ids))
@@ -216,29 +225,30 @@ class Router:
     async def _ask(self, request: FusionRequest, members, first: bool) -> list:
         """Send each member its pending ids, then collect their top-k (no task per member).
 
-        A dropped member (degraded request) answers with an empty top-k.
+        A member with nothing pending (byte alignment: it holds the chosen bytes back)
+        is not stepped; its last top-k still stands. A dropped member (degraded request)
+        answers with an empty top-k.
         """
         members = list(members)
         want_nll = first and request.policy.needs_prompt_nll
-        asked = []
+        sent = []
         for m in members:
-            if m in request.dropped:
+            if m in request.dropped or not (request.pending[m] or request.own_tops[m] is None):
                 continue
             try:
                 request.sessions[m].send(request.pending[m], prompt_nll=want_nll)
-                asked.append(m)
+                sent.append(m)
             except Exception as err:
                 self._drop(request, m, err)
             request.pending[m] = []
-        tops = {}
-        for m in asked:
+        for m in sent:
             try:
-                tops[m] = await request.sessions[m].receive()
+                request.own_tops[m] = await request.sessions[m].receive()
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 self._drop(request, m, err)
-        return [tops.get(m, _NO_OPINION) for m in members]
+        return [_NO_OPINION if m in request.dropped else request.own_tops[m] for m in members]
 
     def _drop(self, request: FusionRequest, m: int, err: Exception) -> None:
         """Continue `request` without member m, or re-raise `err` when that is not allowed."""
@@ -274,7 +284,7 @@ class Router:
 
     def _advance_batch(self, ready: list[FusionRequest]) -> None:
         t0 = time.perf_counter()
-        batch = align_shared([r.tops for r in ready], self.ensemble.vocab_size)
+        batch = self.alignment.align(ready)
         # batch.logprobs: [R, M, C]; batch.mask: [R, C]
         fused = np.full(batch.mask.shape, -np.inf)  # [R, C]
         groups: dict[int, list[int]] = {}
@@ -328,10 +338,9 @@ class Router:
 
     def _advance(self, request: FusionRequest, batch, fused, i: int, c: int) -> None:
         """Apply the chosen candidate: stops, text delta, feed members."""
-        ensemble = self.ensemble
-        token = int(batch.ids[i, c])
+        pick: Pick = self.alignment.pick(request, batch, i, c)
         request.completion_tokens += 1
-        agree = [bool(len(t.ids)) and int(t.ids[0]) == token for t in request.tops]
+        agree = pick.agree
         self.stats.on_token(request, agree)
         step = request.stats
         if all(c or m in request.dropped for m, c in enumerate(request.consulted)):
@@ -342,8 +351,8 @@ class Router:
             if consulted:
                 step.consulted[m] += 1
                 step.agreed[m] += agree[m]
-        is_eos = token in ensemble.eos_ids and not request.params.ignore_eos
-        text = "" if is_eos else request.text.push(ensemble.table[token])
+        is_eos = pick.eos and not request.params.ignore_eos
+        text = "" if is_eos else request.text.push(pick.data)
         details = (
             [self._detail(request, batch, fused, i, c)] if self._wants_details(request) else []
         )
@@ -352,7 +361,7 @@ class Router:
             finish = FinishReason.EOS
         elif request.text.stopped:
             finish = FinishReason.STOP
-        elif request.completion_tokens >= request.max_tokens:
+        elif request.completion_tokens >= request.max_tokens or pick.overflow:
             finish = FinishReason.LENGTH
         if finish is not None:
             text += request.text.finish() if finish is not FinishReason.STOP else ""
@@ -368,7 +377,7 @@ class Router:
             )
         )
         if finish is None:
-            self._feed(request, [token])
+            self._feed_each(request, pick.feed)
 
     def _final_stats(self, request: FusionRequest):
         names = self.ensemble.member_names
@@ -381,22 +390,14 @@ class Router:
         return request.params.logprobs > 0 or request.params.member_details
 
     def _detail(self, request: FusionRequest, batch, fused, i: int, c: int) -> TokenDetail:
-        table = self.ensemble.table
-        token = int(batch.ids[i, c])
-        detail = TokenDetail(
-            token_id=token,
-            text=table[token].decode("utf-8", errors="replace"),
-            logprob=float(fused[i, c]),
-        )
+        label = self.alignment.label
+        token, text = label(request, batch, i, c)
+        detail = TokenDetail(token_id=token, text=text, logprob=float(fused[i, c]))
         n = request.params.logprobs
         if n:
             order = np.argsort(-fused[i], kind="stable")[:n]
             detail.top_logprobs = [
-                (
-                    int(batch.ids[i, j]),
-                    table[int(batch.ids[i, j])].decode("utf-8", "replace"),
-                    float(fused[i, j]),
-                )
+                (*label(request, batch, i, j), float(fused[i, j]))
                 for j in order
                 if batch.mask[i, j]
             ]
