@@ -1,4 +1,4 @@
-"""Fuzzing GenerateRequest: every input is answered OK or INVALID_ARGUMENT.
+"""Fuzzing GenerateRequest and ScoreRequest: every input is answered OK or INVALID_ARGUMENT.
 
 Hypothesis builds GenerateRequest protobufs directly (every field, valid and wild
 values, unset optionals) and sends them to the session server through Generate or
@@ -263,6 +263,46 @@ def test_fuzz_generate_request_is_ok_or_invalid_argument(server, client, request
         if request.request_id:
             assert all(m.request_id == request.request_id for m in messages), request
     assert client.health(timeout=10) == "SERVING", f"not SERVING after {rpc}({request!r})"
+
+
+@st.composite
+def score_requests(draw) -> fusion_pb2.ScoreRequest:
+    """Score requests: tame (mostly accepted) or with wild fields, as for Generate."""
+    wild = draw(st.booleans())
+    table = WILD if wild else TAME
+    continuation = draw(
+        st.one_of(st.just(""), st.sampled_from(["    return 1\n", "🙂", "\x00"]), table["prompt"])
+    )
+    return fusion_pb2.ScoreRequest(
+        request_id=draw(table["request_id"]),
+        prompt=draw(table["prompt"]),
+        continuation=continuation,
+        fusion=draw(table["fusion"]),
+        token_details=draw(st.booleans()),
+    )
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(request=score_requests())
+def test_fuzz_score_request_is_ok_or_invalid_argument(server, client, request):
+    try:
+        reply = client.stub.Score(request, timeout=RPC_TIMEOUT_S)
+        code, details = grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        code, details, reply = err.code(), err.details(), None
+    assert server.proc.poll() is None, f"server died on Score({request!r}); see {server.log}"
+    assert code in ALLOWED, f"Score -> {code.name}: {details}\nrequest: {request!r}\nlog: {server.log}"
+    event(f"Score {code.name}")
+    if reply is not None:
+        assert math.isfinite(reply.logprob) and reply.logprob <= 1e-9, request
+        assert [m.member for m in reply.members] == list(MEMBERS)
+    assert client.health(timeout=10) == "SERVING", f"not SERVING after Score({request!r})"
 
 
 def test_fuzz_left_the_server_drained_without_internal_errors(server):
