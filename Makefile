@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 
-.PHONY: venv serve test test-unit lint format proto proto-check bench clean
+.PHONY: venv serve test test-unit lint format proto proto-check bench eval clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ proto-check: venv
 
 bench: venv
 	$(BIN)/fusion bench --out bench/RESULTS.md
+
+# Quality table on the held-out modules (README "Quality"); starts the demo ensemble itself.
+EVAL_POLICIES ?= mean;product;max;entropy;vote;packllm;gate:tau=0.5,beta=primary;contrastive:beta=expert,alpha=amateur
+eval: venv
+	$(BIN)/fusion eval --lines 150 --windows 60 --concurrency 8 --out bench/QUALITY.md --policies "$(EVAL_POLICIES)"
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache build *.egg-info

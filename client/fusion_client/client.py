@@ -35,6 +35,12 @@ _HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKN
 _NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def _fusion_params(policy, weights, params, roles) -> fusion_pb2.FusionParams:
+    return fusion_pb2.FusionParams(
+        policy=policy, weights=weights or {}, params=params or {}, roles=roles or {}
+    )
+
+
 def build_request(
     prompt: str,
     *,
@@ -65,9 +71,7 @@ def build_request(
         stop=list(stop),
         ignore_eos=ignore_eos,
     )
-    fusion = fusion_pb2.FusionParams(
-        policy=policy, weights=weights or {}, params=params or {}, roles=roles or {}
-    )
+    fusion = _fusion_params(policy, weights, params, roles)
     output = fusion_pb2.OutputOptions(logprobs=logprobs, member_details=member_details)
     return fusion_pb2.GenerateRequest(
         request_id=request_id, prompt=prompt, sampling=sampling, fusion=fusion, output=output
@@ -86,9 +90,7 @@ def build_score_request(
     request_id: str = "",
 ) -> fusion_pb2.ScoreRequest:
     """Builds a ScoreRequest (the fusion options mean what they mean in build_request)."""
-    fusion = fusion_pb2.FusionParams(
-        policy=policy, weights=weights or {}, params=params or {}, roles=roles or {}
-    )
+    fusion = _fusion_params(policy, weights, params, roles)
     return fusion_pb2.ScoreRequest(
         request_id=request_id,
         prompt=prompt,

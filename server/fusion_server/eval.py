@@ -180,9 +180,9 @@ def _command(args) -> str:
 
 @contextlib.contextmanager
 def _server(args):
-    """A running server's address: --server, or `fusion serve` started here."""
+    """(address, process): --server (process None), or `fusion serve` started here."""
     if args.server:
-        yield args.server
+        yield args.server, None
         return
     import socket
 
@@ -193,7 +193,7 @@ def _server(args):
     argv += ["--metrics-port", "-1"] + (["--config", args.config] if args.config else [])
     proc = subprocess.Popen(argv, start_new_session=True)
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -202,12 +202,29 @@ def _server(args):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _wait_ready(client, proc) -> bool:
+    """Wait for SERVING; False if our server process exited first. A first start of the
+    demo ensemble trains its members (minutes), so there is no deadline for our own."""
+    if proc is None:
+        client.wait_ready(timeout=600)
+        return True
+    while proc.poll() is None:
+        try:
+            client.wait_ready(timeout=10)
+            return True
+        except TimeoutError:
+            continue
+    return False
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from fusion_client import FusionClient
 
     specs = [PolicySpec.parse(t) for t in args.policies.split(";") if t.strip()]
-    with _server(args) as target, FusionClient(target) as client:
-        client.wait_ready(timeout=3600)  # a first start may train the demo members
+    with _server(args) as (target, proc), FusionClient(target) as client:
+        if not _wait_ready(client, proc):
+            print(f"fusion eval: the server exited ({proc.returncode})", file=sys.stderr)
+            return 1
         n_members = len(client.get_ensemble().members)
         rows = evaluate(client, specs, args)
     table = render(rows, args, n_members)

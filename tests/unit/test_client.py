@@ -138,6 +138,17 @@ def test_build_request_sets_given_fields():
     assert (request.output.logprobs, request.output.member_details) == (3, True)
 
 
+def test_build_score_request_sets_given_fields():
+    from fusion_client.client import build_score_request
+
+    request = build_score_request(
+        "ctx", "text", policy="product", weights={"a": 1.0}, token_details=True, request_id="s"
+    )
+    assert (request.prompt, request.continuation, request.request_id) == ("ctx", "text", "s")
+    assert request.fusion.policy == "product" and dict(request.fusion.weights) == {"a": 1.0}
+    assert request.token_details
+
+
 def test_build_request_leaves_optional_fields_unset():
     sampling = build_request("hi").sampling
     for field in ("temperature", "top_p", "seed"):

@@ -61,3 +61,39 @@ def test_unknown_demo_member_names_the_field_and_the_known_ones(tmp_path, fake_d
     assert err.value.field == "members[1].model"
     assert "demo:gamma" in str(err.value) and "alpha, beta" in str(err.value)
     assert fake_demo == []  # refused before generating anything
+
+
+def test_trained_demo_members_resolve_and_train_only_those_named(tmp_path, fake_demo, monkeypatch):
+    trained = []
+
+    def ensure_trained_models(names=None, root=None, specs=None, steps=None):
+        trained.append(names)
+        return {n: tmp_path / "trained" / n for n in names}
+
+    monkeypatch.setattr(demo, "ensure_trained_models", ensure_trained_models)
+    path = write(
+        tmp_path,
+        "members:\n"
+        "  - {name: a, model: 'demo:trained-alpha'}\n"
+        "  - {name: g, model: 'demo:trained-gamma'}\n",
+    )
+    config = EnsembleConfig.load(path)
+    assert [m.model for m in config.members] == [
+        str(tmp_path / "trained" / "alpha"),
+        str(tmp_path / "trained" / "gamma"),
+    ]
+    assert trained == [("alpha", "gamma")] and fake_demo == []  # no tiny members made
+
+
+def test_the_default_demo_ensemble_is_the_trained_pair(tmp_path, monkeypatch):
+    from fusion_server.config import demo_config
+
+    def ensure_trained_models(names=None, root=None, specs=None, steps=None):
+        return {n: tmp_path / n for n in names}
+
+    monkeypatch.setattr(demo, "ensure_trained_models", ensure_trained_models)
+    config = demo_config()
+    assert [(m.name, m.model) for m in config.members] == [
+        ("alpha", str(tmp_path / "alpha")),
+        ("beta", str(tmp_path / "beta")),
+    ]

