@@ -62,6 +62,10 @@ def _demo_models(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.workers:
+        from .bench_workers import run_workers_bench
+
+        return run_workers_bench(config, args)
     if args.policies:
         from .bench_policies import run_policy_bench
 
@@ -119,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         help="compare policies instead: 'name[:k=v,...];...' (numeric v: parameter, else member role), "
         "e.g. 'mean;gate:tau=0.5,alpha=primary'",
+    )
+    bench.add_argument(
+        "--workers",
+        action="store_true",
+        help="compare members in the router's process with members as worker processes",
     )
     bench.set_defaults(func=_bench)
     return parser
