@@ -145,7 +145,9 @@ def test_local_plus_remote_member_equals_all_local_and_survives_a_restart(
             assert worker_info(port).engine_requests == 0  # every session was closed
 
 
-def test_member_workers_switch_equals_all_local(tiny_models, all_local, tmp_path):
+def test_member_workers_switch_equals_all_local_and_relaunches_a_dead_worker(
+    tiny_models, all_local, tmp_path
+):
     config = tiny_config(tiny_models)
     config["server"]["member_workers"] = True
     with start_server(config, tiny_models, tmp_path) as server, server.client() as client:
@@ -156,3 +158,19 @@ def test_member_workers_switch_equals_all_local(tiny_models, all_local, tmp_path
             text=True,
         ).stdout.split()
         assert len(children) == 2  # one worker process per member
+        os.kill(int(children[0]), signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as refused:  # until the relaunched one is warm
+            for _ in range(20):
+                client.generate(PROMPTS[1], max_tokens=4)
+                time.sleep(0.2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                assert outputs(client) == all_local
+                break
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        assert server.proc.poll() is None

@@ -159,3 +159,33 @@ async def test_lost_worker_gives_unavailable_then_reconnects():
     finally:
         await router_cm.__aexit__(None, None, None)
         rm.shutdown()
+
+
+async def test_router_gone_closes_its_sessions_on_the_worker():
+    hold = asyncio.Event()
+
+    async def hook(session):
+        await hold.wait()
+
+    a = FakeMember("a", scripted_model([67] * 20), top_k=4)
+    b = FakeMember("b", scripted_model([67] * 20), top_k=4, hook=hook)
+    port = free_port()
+    async with worker(b, port):
+        rm = await remote(b, port)
+        router = Router(make_ensemble([a, rm]), max_running=8)
+        router.start()
+        requests = [make_request(router, f"p{i}") for i in range(3)]
+        for request in requests:
+            router.submit(request)
+        await until(lambda: b.open_count == 3 and rm.num_engine_requests() == 3, "sessions open")
+        rm.shutdown()  # the router's connection ends with three sessions mid-step
+        for request in requests:
+            _, error = await collect(request)
+            assert isinstance(error, EngineUnavailable)
+        for _ in range(int(TIMEOUT / 0.01)):
+            if b.open_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert b.open_count == 0  # the worker closed them, freeing their KV cache
+        assert all(s.cancelled for s in b.sessions)
+        await asyncio.wait_for(router.stop(), TIMEOUT)

@@ -25,6 +25,7 @@ import pathlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -71,14 +72,16 @@ class RemoteMember:
         config: MemberConfig,
         top_k: int,
         endpoint: str | None = None,
-        process: subprocess.Popen | None = None,
+        spawn: Callable[[], subprocess.Popen] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.top_k = top_k
         self.endpoint = endpoint or config.endpoint
-        self.process = process
-        """The worker process when this server launched it (server.member_workers)."""
+        self._spawn = spawn
+        self.process = spawn() if spawn is not None else None
+        """The worker process when this server launched it (server.member_workers);
+        relaunched when it exits."""
         self.max_model_len = 0
         self.vocab_size = 0
         self.info: pb.InfoResponse | None = None
@@ -182,6 +185,13 @@ class RemoteMember:
         while not self._closed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+            if self.process is not None and self.process.poll() is not None:
+                log.warning(
+                    "member %s: worker process exited with %s; relaunching",
+                    self.name,
+                    self.process.returncode,
+                )
+                self.process = self._spawn()
             try:
                 info = await self._stub.Info(pb.InfoRequest(), timeout=5)
             except grpc.RpcError:

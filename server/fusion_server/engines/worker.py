@@ -228,6 +228,9 @@ async def serve_worker(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
         server,
     )
+    if address.startswith("unix:"):  # a stale socket of a worker that was killed
+        with contextlib.suppress(FileNotFoundError):
+            pathlib.Path(address[len("unix:") :]).unlink()
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind {address}")
 

@@ -147,5 +147,5 @@ def _make_member(member_config, config: EnsembleConfig) -> Member | RemoteMember
 
     address = f"unix:{tempfile.mkdtemp(prefix='fusion-worker-')}/{member_config.name}.sock"
     return RemoteMember(
-        member_config, top_k, address, process=spawn_worker(member_config, top_k, address)
+        member_config, top_k, address, spawn=lambda: spawn_worker(member_config, top_k, address)
     )
