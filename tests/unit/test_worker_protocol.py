@@ -119,15 +119,22 @@ async def test_worker_errors_fail_only_that_request():
             rm.shutdown()
 
 
-async def test_lost_worker_gives_unavailable_then_reconnects():
+def held_pair(token: int, held: str = "") -> list[FakeMember]:
+    """Two members scripted to say `token`; b's steps of requests named `held*` never end."""
     hold = asyncio.Event()
 
     async def hook(session):
-        if session.request_id.startswith("held"):
+        if session.request_id.startswith(held):
             await hold.wait()
 
-    a = FakeMember("a", scripted_model([66] * 50), top_k=4)
-    b = FakeMember("b", scripted_model([66] * 50), top_k=4, hook=hook)
+    return [
+        FakeMember("a", scripted_model([token] * 50), top_k=4),
+        FakeMember("b", scripted_model([token] * 50), top_k=4, hook=hook),
+    ]
+
+
+async def test_lost_worker_gives_unavailable_then_reconnects():
+    a, b = held_pair(66, held="held")
     port = free_port()
     async with worker(b, port):
         rm = await remote(b, port)
@@ -162,13 +169,7 @@ async def test_lost_worker_gives_unavailable_then_reconnects():
 
 
 async def test_router_gone_closes_its_sessions_on_the_worker():
-    hold = asyncio.Event()
-
-    async def hook(session):
-        await hold.wait()
-
-    a = FakeMember("a", scripted_model([67] * 20), top_k=4)
-    b = FakeMember("b", scripted_model([67] * 20), top_k=4, hook=hook)
+    a, b = held_pair(67)
     port = free_port()
     async with worker(b, port):
         rm = await remote(b, port)
