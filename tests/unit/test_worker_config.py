@@ -79,3 +79,40 @@ def test_worker_cli_refuses_a_missing_model_dir(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_on_cpu", lambda: False)
     assert cli.main(["worker", "--model", str(tmp_path / "nope")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def make_tokenizer(path, words: list[str]) -> str:
+    """A tiny word-level tokenizer saved the way Hugging Face model directories hold one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return str(path)
+
+
+def test_a_workers_tokenizer_files_load_as_the_same_vocabulary(tmp_path):
+    from fusion_server.engines.worker import tokenizer_files
+    from fusion_server.router.ensemble import Ensemble, load_tokenizer
+
+    source = make_tokenizer(tmp_path / "model", ["[UNK]", "def", "return", "x"])
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights never travel")
+    files = tokenizer_files(source)
+    assert "tokenizer.json" in {f.name for f in files}
+    assert "model.safetensors" not in {f.name for f in files}
+    fetched = tmp_path / "fetched"  # what RemoteMember.start writes from Info
+    fetched.mkdir()
+    for f in files:
+        (fetched / f.name).write_bytes(f.content)
+    assert load_tokenizer(str(fetched))[2] == load_tokenizer(source)[2]
+
+    other = make_tokenizer(tmp_path / "other", ["[UNK]", "def", "yield", "x"])
+    config = EnsembleConfig.from_dict(remote_config())
+    Ensemble.check_tokenizers(config, [source, str(fetched)])  # same vocabulary: fine
+    with pytest.raises(ConfigError) as err:
+        Ensemble.check_tokenizers(config, [source, other])
+    assert err.value.field == "members[1].endpoint" and "'beta'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Ensemble.check_tokenizers(config, [source, str(tmp_path / "empty")])
+    assert err.value.field == "members[1].endpoint"
