@@ -87,6 +87,8 @@ class EngineWorkerServicer(engine_pb2_grpc.EngineWorkerServicer):
         """StepRequest messages received (all streams)."""
         self.steps_in = 0
         """SessionSteps received (all streams); steps_in / batches_in = batching factor."""
+        self.batches_out = 0
+        """StepResponse messages sent (all streams)."""
 
     async def Info(self, request, context):
         if not self.ready:
@@ -119,6 +121,9 @@ class _Stream:
         self.sessions: dict[int, tuple[object, asyncio.Task | None]] = {}
         self.results = pb.StepResponse()
         self.wake = asyncio.Event()
+        # Engine request ids must be unique: several routers (replicas) may send the
+        # same request id, so each stream adds its own tag.
+        self.tag = uuid.uuid4().hex[:8]
 
     async def run(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write())
@@ -143,7 +148,7 @@ class _Stream:
         entry = self.sessions.get(step.session)
         try:
             if entry is None:
-                session = self.member.open_session(step.request_id or f"s{step.session}")
+                session = self.member.open_session(f"{step.request_id or step.session}@{self.tag}")
             else:
                 session, previous = entry
                 if previous is not None and not previous.done():
@@ -191,6 +196,7 @@ class _Stream:
             await self.wake.wait()
             self.wake.clear()
             batch, self.results = self.results, pb.StepResponse()
+            self.servicer.batches_out += 1
             await self.context.write(batch)
 
 
