@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--engine-json", help="engine settings as one JSON object")
     worker.add_argument("--grace-seconds", type=float, default=10.0)
+    worker.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when the launching process is gone (fusion serve's server.member_workers)",
+    )
     worker.set_defaults(func=_worker)
     demo = sub.add_parser(
         "demo-models", help="generate (once) and print the demo ensemble's model dirs"

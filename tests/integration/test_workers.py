@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -85,6 +86,19 @@ def run_worker(model, port: int, log_path):
                 proc.wait()
 
 
+def live_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are not zombies."""
+    pids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def outputs(client) -> list[str]:
     return [client.generate(p, max_tokens=TOKENS, ignore_eos=True).text for p in PROMPTS]
 
@@ -158,7 +172,9 @@ def test_member_workers_switch_equals_all_local_and_relaunches_a_dead_worker(
             text=True,
         ).stdout.split()
         assert len(children) == 2  # one worker process per member
-        os.kill(int(children[0]), signal.SIGKILL)
+        killed = int(children[0])
+        assert len(live_in_group(killed)) >= 2  # the worker and its EngineCore
+        os.kill(killed, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as refused:  # until the relaunched one is warm
             for _ in range(20):
                 client.generate(PROMPTS[1], max_tokens=4)
@@ -174,3 +190,4 @@ def test_member_workers_switch_equals_all_local_and_relaunches_a_dead_worker(
                     raise
                 time.sleep(1)
         assert server.proc.poll() is None
+        assert live_in_group(killed) == []  # the dead worker's EngineCore went too

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import pathlib
+import signal
 import subprocess
 import tempfile
 import time
@@ -159,13 +162,12 @@ class RemoteMember:
         if self._conn is not None:
             self._conn.lose(None)
             self._conn = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # the worker drains and shuts its engine down
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()  # the worker drains and shuts its engine down
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=60)
+            _kill_group(self.process)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -191,6 +193,7 @@ class RemoteMember:
                     self.name,
                     self.process.returncode,
                 )
+                _kill_group(self.process)  # its EngineCore outlives a killed worker
                 self.process = self._spawn()
             try:
                 info = await self._stub.Info(pb.InfoRequest(), timeout=5)
@@ -215,6 +218,14 @@ class RemoteMember:
             self._conn = _Connection(self, self._stub.Step())
             log.info("member %s: reconnected to worker %s", self.name, self.endpoint)
             return
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL what is left of a launched worker's process group (its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
 
 
 class _Connection:

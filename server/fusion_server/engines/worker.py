@@ -211,9 +211,15 @@ async def _close_session(session, task: asyncio.Task | None) -> None:
 
 # -- the process ----------------------------------------------------------------------
 async def serve_worker(
-    member_config: MemberConfig, top_k: int, address: str, grace: float = 10.0
+    member_config: MemberConfig,
+    top_k: int,
+    address: str,
+    grace: float = 10.0,
+    exit_with_parent: bool = False,
 ) -> int:
-    """Serve one member on `address` (host:port or unix:PATH) until SIGTERM / SIGINT."""
+    """Serve one member on `address` (host:port or unix:PATH) until SIGTERM / SIGINT
+    (or, with exit_with_parent, until the process that started it is gone)."""
+    parent = os.getppid()
     from ..router.ensemble import load_tokenizer
 
     _, _, fingerprint = load_tokenizer(member_config.model)
@@ -270,6 +276,9 @@ async def serve_worker(
                 log.error("the engine of member %s died; exiting", member.name)
                 code = 1
                 break
+            if exit_with_parent and os.getppid() != parent:
+                log.error("the server that launched this worker is gone; exiting")
+                break
         stopping.cancel()
     finally:
         servicer.ready = False
@@ -301,8 +310,10 @@ def spawn_worker(
         address,
         "--engine-json",
         json.dumps(member_config.engine),
+        "--exit-with-parent",
     ]
-    return subprocess.Popen(args, env={**os.environ, **(env or {})})
+    # Its own session, so that RemoteMember can kill the worker with its EngineCore.
+    return subprocess.Popen(args, env={**os.environ, **(env or {})}, start_new_session=True)
 
 
 def worker_main(args, defaults: dict) -> int:
@@ -333,4 +344,6 @@ def worker_main(args, defaults: dict) -> int:
     if not pathlib.Path(member.model).is_dir():
         raise ConfigError("--model", f"no such model directory: {member.model!r}")
     address = args.listen or f"{args.host}:{args.port}"
-    return asyncio.run(serve_worker(member, args.top_k, address, args.grace_seconds))
+    return asyncio.run(
+        serve_worker(member, args.top_k, address, args.grace_seconds, args.exit_with_parent)
+    )
