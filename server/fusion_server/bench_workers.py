@@ -54,14 +54,13 @@ class ModeResult:
 
 def _worker_cpu(ensemble) -> float:
     """User + system CPU seconds of the ensemble's worker processes (not their children)."""
-    import psutil
-
     total = 0.0
     for member in ensemble.members:
         process = getattr(member, "process", None)
         if process is not None and process.poll() is None:
-            times = psutil.Process(process.pid).cpu_times()
-            total += times.user + times.system
+            with open(f"/proc/{process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
