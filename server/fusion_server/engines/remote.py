@@ -221,7 +221,7 @@ class RemoteMember:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL what is left of a launched worker's process group (its own session)."""
+    """SIGKILL what is left of a launched worker's process group (its own)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
