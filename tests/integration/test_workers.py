@@ -172,6 +172,9 @@ def test_member_workers_switch_equals_all_local_and_relaunches_a_dead_worker(
             text=True,
         ).stdout.split()
         assert len(children) == 2  # one worker process per member
+        argv = [pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children]
+        sockets = [pathlib.Path(a[a.index(b"--listen") + 1].decode()[len("unix:") :]) for a in argv]
+        assert all(s.is_socket() for s in sockets)
         killed = int(children[0])
         assert len(live_in_group(killed)) >= 2  # the worker and its EngineCore
         os.kill(killed, signal.SIGKILL)
@@ -191,3 +194,4 @@ def test_member_workers_switch_equals_all_local_and_relaunches_a_dead_worker(
                 time.sleep(1)
         assert server.proc.poll() is None
         assert live_in_group(killed) == []  # the dead worker's EngineCore went too
+    assert not any(s.parent.exists() for s in sockets)  # shutdown removed the socket dirs

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -168,6 +169,8 @@ class RemoteMember:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.process.wait(timeout=60)
             _kill_group(self.process)
+            if self.endpoint.startswith("unix:"):  # the private directory of its socket
+                shutil.rmtree(pathlib.Path(self.endpoint[len("unix:") :]).parent, True)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
