@@ -14,7 +14,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = ROOT / "client" / "fusion_client" / "_proto"
-PROTOS = ["fusion/v1/fusion.proto"]
+PROTOS = ["fusion/v1/fusion.proto", "fusion/v1/engine.proto"]
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:

@@ -23,6 +23,7 @@ from fusion_client.client import DEFAULT_TARGET, FusionClient
 # Subcommands that live in fusion_server.cli, with their one-line help.
 SERVER_COMMANDS = {
     "serve": "run the fusion gRPC server (needs the server extra)",
+    "worker": "serve one member's engine to routers (needs the server extra)",
     "bench": "benchmark a server or an ensemble (needs the server extra)",
     "demo-models": "train (once) the demo members offline (needs the server extra)",
     "eval": "quality table: bits per byte and line completion per member and policy (needs the server extra)",

@@ -47,6 +47,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .engines.worker import worker_main
+
+    return worker_main(args, CPU_ENGINE_DEFAULTS if _on_cpu() else {})
+
+
 def _demo_models(args: argparse.Namespace) -> int:
     from .demo import ensure_demo_models, ensure_trained_models
 
@@ -68,6 +74,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.workers:
+        from .bench_workers import run_workers_bench
+
+        return run_workers_bench(config, args)
     if args.policies:
         from .bench_policies import run_policy_bench
 
@@ -94,6 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="Prometheus port (overrides server.metrics_port; -1 = off)"
     )
     serve.set_defaults(func=_serve)
+    worker = sub.add_parser(
+        "worker", help="serve one member's engine to routers over gRPC (engine.proto)"
+    )
+    worker.add_argument("--model", required=True, help="model directory (or demo:NAME)")
+    worker.add_argument("--name", help="member name for logs (default: the directory name)")
+    worker.add_argument("--host", default="0.0.0.0", help="address to bind")
+    worker.add_argument("--port", type=int, default=50061, help="gRPC port")
+    worker.add_argument("--listen", help="bind this address instead (host:port or unix:PATH)")
+    worker.add_argument(
+        "--top-k", type=int, default=20, help="top candidates per step (>= the router's)"
+    )
+    worker.add_argument(
+        "--engine",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="vLLM engine setting (repeatable; VALUE is YAML), e.g. --engine max_model_len=2048",
+    )
+    worker.add_argument("--engine-json", help="engine settings as one JSON object")
+    worker.add_argument("--grace-seconds", type=float, default=10.0)
+    worker.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when the launching process is gone (fusion serve's server.member_workers)",
+    )
+    worker.set_defaults(func=_worker)
     demo = sub.add_parser(
         "demo-models",
         help="train (once, minutes each) and print the trained demo members' model dirs",
@@ -136,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--alignment",
         action="store_true",
         help="compare shared-id and byte alignment on the same members (they must share ids)",
+    )
+    bench.add_argument(
+        "--workers",
+        action="store_true",
+        help="compare members in the router's process with members as worker processes",
     )
     bench.set_defaults(func=_bench)
     _add_distill(sub)

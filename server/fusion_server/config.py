@@ -43,17 +43,34 @@ class MemberConfig:
 
     name: str
     """Unique member name (used in requests' fusion.weights)."""
-    model: str
-    """Hugging Face model directory (or id, where a hub is reachable), or `demo:NAME`."""
+    model: str | None = None
+    """Hugging Face model directory (or id, where a hub is reachable), or `demo:NAME`:
+    the member runs as an engine of this server. Exactly one of model / endpoint."""
     weight: float = 1.0
     """Default fusion weight (>= 0)."""
     engine: dict[str, Any] = field(default_factory=dict)
     """vLLM AsyncEngineArgs for this member, plus `cpu_threads` (VLLM_CPU_OMP_THREADS_BIND)."""
+    endpoint: str | None = None
+    """`host:port` (or `unix:PATH`) of a `fusion worker` serving this member, instead of
+    model: the engine runs in that worker's process (on this machine or another pod)."""
 
     def check(self, path: str) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"{path}.name", "must be a non-empty string")
-        if not isinstance(self.model, str) or not self.model:
+        if (self.model is None) == (self.endpoint is None):
+            raise ConfigError(
+                f"{path}.model",
+                "set exactly one of model (an engine in this server) or endpoint (a worker)",
+            )
+        if self.endpoint is not None:
+            _check_endpoint(self.endpoint, f"{path}.endpoint")
+            if self.engine:
+                raise ConfigError(
+                    f"{path}.engine",
+                    "engine settings of a remote member belong to its worker "
+                    "(fusion worker --engine KEY=VALUE)",
+                )
+        elif not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"{path}.model", "must be a model directory or id")
         if not _is_number(self.weight) or self.weight < 0:
             raise ConfigError(f"{path}.weight", f"must be a number >= 0, got {self.weight!r}")
@@ -247,6 +264,9 @@ class ServerConfig:
     """Restart a member whose engine died (health is NOT_SERVING meanwhile)."""
     log_prompts: bool = False
     """Log each request's prompt at DEBUG level (off: prompts and outputs are never logged)."""
+    member_workers: bool = False
+    """Run each local member (`model:`) in its own `fusion worker` process on this
+    machine, reached over a Unix socket: the server's process then only routes and fuses."""
 
     def check(self, path: str) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -260,6 +280,8 @@ class ServerConfig:
         for name in ("restart_members", "log_prompts"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{path}.{name}", "must be true or false")
+        if not isinstance(self.member_workers, bool):
+            raise ConfigError(f"{path}.member_workers", "must be true or false")
         for name, klass in (("tls", TLSConfig), ("auth", AuthConfig)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, klass):
@@ -312,9 +334,8 @@ class EnsembleConfig:
             if not isinstance(raw, dict):
                 raise ConfigError(f"members[{i}]", "must be a mapping")
             _reject_unknown(raw, MemberConfig, f"members[{i}].")
-            for required in ("name", "model"):
-                if required not in raw:
-                    raise ConfigError(f"members[{i}].{required}", "is required")
+            if "name" not in raw:
+                raise ConfigError(f"members[{i}].name", "is required")
             members.append(MemberConfig(**raw))
         sections = {}
         for key, klass in (
@@ -344,6 +365,8 @@ class EnsembleConfig:
             raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
         config = cls.from_dict(data)
         for member in config.members:  # relative model paths are relative to the file
+            if member.model is None:
+                continue
             model = pathlib.Path(member.model)
             if not model.is_absolute() and (path.parent / model).exists():
                 member.model = str((path.parent / model).resolve())
@@ -352,7 +375,10 @@ class EnsembleConfig:
 
     def with_engine_defaults(self, defaults: dict[str, Any]) -> EnsembleConfig:
         """A copy where each member's engine settings start from `defaults`."""
-        members = [dataclasses.replace(m, engine={**defaults, **m.engine}) for m in self.members]
+        members = [
+            m if m.endpoint else dataclasses.replace(m, engine={**defaults, **m.engine})
+            for m in self.members
+        ]
         return dataclasses.replace(self, members=members)
 
 
@@ -379,7 +405,11 @@ def _resolve_demo_members(config: EnsembleConfig) -> None:
     """`model: demo:NAME` names a built-in demo member, made once into $FUSION_CACHE:
     demo:alpha / demo:beta the tiny random ones (seconds), demo:trained-alpha /
     -beta / -gamma the trained ones (minutes each, once)."""
-    wanted = [(i, m) for i, m in enumerate(config.members) if m.model.startswith(DEMO_MODEL_PREFIX)]
+    wanted = [
+        (i, m)
+        for i, m in enumerate(config.members)
+        if m.model and m.model.startswith(DEMO_MODEL_PREFIX)
+    ]
     if not wanted:
         return
     from . import demo, demo_train
@@ -403,6 +433,15 @@ def _resolve_demo_members(config: EnsembleConfig) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_endpoint(endpoint: Any, path: str) -> None:
+    """`host:port` with a port in 1..65535 (IPv6 as `[::1]:port`), or `unix:PATH`."""
+    if isinstance(endpoint, str) and endpoint.startswith("unix:") and len(endpoint) > 5:
+        return
+    host, _, port = endpoint.rpartition(":") if isinstance(endpoint, str) else ("", "", "")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(path, f"must be host:port or unix:PATH, got {endpoint!r}")
 
 
 def _reject_unknown(raw: dict, klass: type, prefix: str) -> None:

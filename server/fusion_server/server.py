@@ -5,11 +5,12 @@ and clients get a clean UNAVAILABLE); the members start one after another; healt
 turns SERVING once every engine is warm. SIGTERM/SIGINT: NOT_SERVING, stop taking
 new requests, let in-flight ones finish for `server.grace_seconds`, shut engines down.
 
-A watchdog checks the members' engines twice a second. When one has died: health
-NOT_SERVING (its in-flight requests have already failed with UNAVAILABLE, or go on
-without it under degraded fusion), the member is restarted in place (with backoff if
-the restart fails; `server.restart_members: false` leaves it down), then SERVING again
--- the server process never restarts.
+A watchdog checks the members twice a second. When one is down: health NOT_SERVING
+(its in-flight requests have already failed with UNAVAILABLE, or go on without it
+under degraded fusion); a dead local engine is restarted in place (with backoff if the
+restart fails; `server.restart_members: false` leaves it down), a worker is relaunched
+or reconnected by RemoteMember; SERVING again once every member is up -- the server
+process never restarts.
 """
 
 from __future__ import annotations
@@ -131,25 +132,32 @@ class FusionServer:
         print(f"fusion: SERVING the ensemble [{names}] on port {self.port}", flush=True)
 
     async def _watch_members(self) -> None:
-        """Notice dead member engines; restart them; health follows."""
+        """Health follows the members: NOT_SERVING while any is down; restart dead local engines.
+
+        Remote members (workers) are not restarted from here: a launched worker is
+        relaunched and an `endpoint:` one reconnected by RemoteMember itself.
+        """
         assert self.ensemble is not None
+        serving = True
         while not self._stopped.is_set():
             with contextlib.suppress(asyncio.TimeoutError):  # woken early by a failing request
                 await asyncio.wait_for(self._member_failed.wait(), WATCH_SECONDS)
             self._member_failed.clear()
+            if self._stopped.is_set():
+                return
             dead = [m for m in self.ensemble.members if not m.running]
-            if not dead or self._stopped.is_set():
-                continue
-            names = ", ".join(m.name for m in dead)
-            log.error("member engine(s) died: %s; NOT_SERVING", names)
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            if not self.config.server.restart_members:
-                continue  # stays NOT_SERVING
-            for member in dead:
-                await self._restart(member)
-            if not self._stopped.is_set() and all(m.running for m in self.ensemble.members):
-                log.info("members restarted (%s); SERVING", names)
+            if dead and serving:
+                log.error("member(s) down: %s; NOT_SERVING", ", ".join(m.name for m in dead))
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                serving = False
+            elif not dead and not serving:
+                log.info("all members up; SERVING")
                 await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                serving = True
+            if self.config.server.restart_members:
+                for member in dead:
+                    if hasattr(member, "restart"):
+                        await self._restart(member)
 
     async def _restart(self, member) -> None:
         for attempt, pause in enumerate((0.0, *RESTART_BACKOFF)):

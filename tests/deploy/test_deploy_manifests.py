@@ -248,7 +248,7 @@ def test_ports_probes_and_selectors_line_up(rendered, overlay):
     assert selector.items() <= pod_labels.items()
     assert service["spec"]["selector"].items() <= pod_labels.items()
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
-        obj = one(objects, kind)
+        obj = one(objects, kind, "fusion-serve")
         key = "podSelector" if kind == "NetworkPolicy" else "selector"
         assert obj["spec"][key]["matchLabels"].items() <= pod_labels.items(), kind
     pdb = one(objects, "PodDisruptionBudget")
@@ -262,7 +262,9 @@ def test_ports_probes_and_selectors_line_up(rendered, overlay):
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     policy_ports = {
-        p["port"] for r in one(objects, "NetworkPolicy")["spec"]["ingress"] for p in r["ports"]
+        p["port"]
+        for r in one(objects, "NetworkPolicy", "fusion-serve")["spec"]["ingress"]
+        for p in r["ports"]
     }
     assert policy_ports == {"grpc", "metrics"}
 
@@ -339,14 +341,19 @@ def test_autoscaler_owns_the_replica_count(rendered):
         hpa = one(objects, "HorizontalPodAutoscaler", "fusion-serve")
         target = hpa["spec"]["scaleTargetRef"]
         assert (target["kind"], target["name"]) == ("Deployment", "fusion-serve")
-        assert "replicas" not in one(objects, "Deployment")["spec"]
+        assert "replicas" not in one(objects, "Deployment", "fusion-serve")["spec"]
         (metric,) = hpa["spec"]["metrics"]
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"].startswith("fusion_")
         _, data = ensemble_of(objects)
         limit = data["limits"]["max_concurrent_requests"]
         assert int(metric["pods"]["target"]["averageValue"]) < limit  # before refusals
         # Without the component, the Deployment keeps its replica count.
-        assert one(overlay_objects(rendered, overlay), "Deployment")["spec"]["replicas"] >= 1
+        assert (
+            one(overlay_objects(rendered, overlay), "Deployment", "fusion-serve")["spec"][
+                "replicas"
+            ]
+            >= 1
+        )
 
 
 def test_model_loader_mounts_the_model_volume_read_write(rendered):

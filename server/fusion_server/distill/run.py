@@ -233,6 +233,11 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
         raise DistillError(f"--mode: {settings.mode!r}: use token or sequence")
     eval_docs = load_documents(settings.eval_data).documents if settings.eval_data else None
     vocabs = Ensemble.load_vocabs(config)
+    if any(v is None for v in vocabs) or config.server.member_workers:
+        raise DistillError(
+            "--config: distill runs the members' engines itself; endpoint: members and "
+            "server.member_workers are not supported"
+        )
     if len({v.fingerprint for v in vocabs}) != 1:
         raise DistillError(
             "--config: the members' vocabularies differ; the teacher signal is computed in "

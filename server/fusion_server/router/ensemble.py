@@ -6,17 +6,23 @@ the ensemble fuses on shared ids (``alignment == "shared-ids"``); otherwise, or 
 ``fusion.alignment: bytes`` forces it, on byte strings (``"bytes"``). Each member's
 prompt is encoded by its own tokenizer (with its own BOS / dummy prefix, as the
 member alone would see it).
+
+A member is a local engine (`model:`), a `fusion worker` (`endpoint:`; its tokenizer
+comes from the worker's Info), or, with server.member_workers, a worker this server
+launches for a `model:` member; the router cannot tell them apart.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import ConfigError, EnsembleConfig
 from ..engines.member import Member
+from ..engines.remote import RemoteMember
 from ..vocab import MemberVocab, load_member_vocab
 
 log = logging.getLogger(__name__)
@@ -78,31 +84,47 @@ class Ensemble:
         return [list(v.tokenizer(text, add_special_tokens=True)["input_ids"]) for v in self.vocabs]
 
     @classmethod
-    def load_vocabs(cls, config: EnsembleConfig) -> list[MemberVocab]:
-        """Load each member's tokenizer and vocabulary (ConfigError naming the member)."""
-        from transformers import AutoTokenizer
+    def load_vocabs(
+        cls, config: EnsembleConfig, sources: list[str | None] | None = None
+    ) -> list[MemberVocab | None]:
+        """Load each member's tokenizer and vocabulary (ConfigError naming the member).
 
-        vocabs = []
-        for i, member in enumerate(config.members):
+        sources: where each member's tokenizer is (default: members[i].model); None
+        skips a member (a remote one whose tokenizer files have not been fetched yet).
+        """
+        if sources is None:
+            sources = [m.model for m in config.members]
+        vocabs: list[MemberVocab | None] = []
+        for i, (member, source) in enumerate(zip(config.members, sources, strict=True)):
+            if source is None:
+                vocabs.append(None)
+                continue
+            where = f"members[{i}].{'model' if member.model else 'endpoint'}"
             try:
-                tok = AutoTokenizer.from_pretrained(member.model)
+                vocabs.append(load_vocab(source))
             except Exception as err:
                 raise ConfigError(
-                    f"members[{i}].model", f"cannot load a tokenizer from {member.model!r}: {err}"
+                    where, f"cannot load a tokenizer from {source!r}: {err}"
                 ) from None
-            vocabs.append(load_member_vocab(tok, member.model))
         return vocabs
 
     @classmethod
     async def start(cls, config: EnsembleConfig) -> Ensemble:
-        vocabs = cls.load_vocabs(config)
+        local = [None if m.endpoint else m.model for m in config.members]
+        vocabs = cls.load_vocabs(config, local)  # fail fast on the local ones
         members = []
         try:
             for member_config in config.members:  # one after another (GPU memory fractions)
-                member = Member(member_config, top_k=config.fusion.top_k)
-                log.info("starting member %s (%s)", member.name, member.config.model)
-                await member.start()
+                member = _make_member(member_config, config)
+                log.info(
+                    "starting member %s (%s)", member.name, member.config.model or member.endpoint
+                )
                 members.append(member)
+                await member.start()
+            if any(m.endpoint for m in config.members):  # now with the workers' tokenizers
+                vocabs = cls.load_vocabs(
+                    config, [getattr(m, "tokenizer_dir", None) or m.config.model for m in members]
+                )
         except BaseException:
             for member in members:
                 member.shutdown()
@@ -136,3 +158,25 @@ class Ensemble:
     def shutdown(self) -> None:
         for member in self.members:
             member.shutdown()
+
+
+def load_vocab(source: str) -> MemberVocab:
+    """The MemberVocab of the tokenizer (and generation_config EOS ids) in `source`."""
+    from transformers import AutoTokenizer
+
+    return load_member_vocab(AutoTokenizer.from_pretrained(source), source)
+
+
+def _make_member(member_config, config: EnsembleConfig) -> Member | RemoteMember:
+    """A local engine, a configured worker, or (server.member_workers) a launched worker."""
+    top_k = config.fusion.top_k
+    if member_config.endpoint:
+        return RemoteMember(member_config, top_k)
+    if not config.server.member_workers:
+        return Member(member_config, top_k)
+    from ..engines.worker import spawn_worker
+
+    address = f"unix:{tempfile.mkdtemp(prefix='fusion-worker-')}/{member_config.name}.sock"
+    return RemoteMember(
+        member_config, top_k, address, spawn=lambda: spawn_worker(member_config, top_k, address)
+    )

@@ -178,6 +178,11 @@ class Scorer:
                 "Score needs members that share one vocabulary for now "
                 "(cross-vocabulary scoring: see docs/score.md)"
             )
+        if not all(hasattr(m, "score") for m in ensemble.members):
+            raise Unsupported(
+                "Score needs every member's engine in this process for now "
+                "(not available with endpoint: members or server.member_workers)"
+            )
         ids = prompt_ids + cont_ids
         start = len(prompt_ids)  # >= 1: position 0 has no log-prob
         outs = await asyncio.gather(
