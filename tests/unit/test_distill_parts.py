@@ -80,7 +80,7 @@ def _config(policy="mean", weights=(1.0, 3.0), **fusion):
     )
 
 
-def test_fused_topk_is_the_renormalised_top_of_the_weighted_mean():
+def test_fused_topk_is_the_top_of_the_weighted_mean_with_its_tail_left_out():
     rng = np.random.default_rng(0)
     V, K, N = 50, 6, 4
     full = rng.dirichlet(np.full(V, 0.3), size=(2, N))  # [M, N, V]
@@ -103,8 +103,8 @@ def test_fused_topk_is_the_renormalised_top_of_the_weighted_mean():
             score[c] = 0.25 * p[0] + 0.75 * p[1]
         best = sorted(cand, key=lambda c: -score[c])[:3]
         assert list(ids[t]) == best
-        expected = np.array([score[c] for c in best])
-        np.testing.assert_allclose(np.exp(lps[t]), expected / expected.sum(), rtol=1e-9)
+        expected = np.array([score[c] for c in best])  # the linear pool itself, not renormalised
+        np.testing.assert_allclose(np.exp(lps[t]), expected, rtol=1e-9)
 
 
 def test_fused_topk_pads_when_fewer_candidates_than_k():
@@ -113,7 +113,8 @@ def test_fused_topk_pads_when_fewer_candidates_than_k():
     top_lps = np.log(np.array([[[0.6, 0.4]], [[0.5, 0.5]]]))
     ids, lps = fused_topk(choice, np.zeros((2, 1)), top_ids, top_lps, 3, k=4)
     assert list(ids[0][:3]) in ([1, 2, 0], [2, 1, 0]) and np.isneginf(lps[0, 3])
-    assert np.exp(lps[0]).sum() == pytest.approx(1.0)
+    # ids 1 and 2 hold all of both members' mass: no tail
+    assert np.exp(lps[0]).sum() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_teacher_cache_resumes_and_refuses_other_inputs(tmp_path):
@@ -129,6 +130,25 @@ def test_teacher_cache_resumes_and_refuses_other_inputs(tmp_path):
 
 
 # -- training ------------------------------------------------------------------------------
+def test_kl_is_zero_when_the_student_is_the_teacher_tail_included():
+    from types import SimpleNamespace
+
+    from fusion_server.distill.train import distill_loss
+
+    logits = torch.randn(1, 3, 12, generator=torch.Generator().manual_seed(0))
+    model = lambda input_ids: SimpleNamespace(logits=logits)  # noqa: E731
+    logp = torch.log_softmax(logits, -1)
+    t_ids = torch.argsort(-logp, -1)[..., :4]
+    t_lps = logp.gather(-1, t_ids)  # the student's own top-4, its tail left out
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    settings = TrainSettings(ce_weight=0.0, kl_weight=1.0)
+    _, _, kl = distill_loss(model, tokens, t_ids, t_lps, settings)
+    assert abs(kl.item()) < 1e-6
+    sharper = t_lps - torch.logsumexp(t_lps, -1, keepdim=True)  # renormalised: no tail
+    _, _, kl = distill_loss(model, tokens, t_ids, sharper, settings)
+    assert kl.item() > 0.01  # the tail the student keeps is penalised
+
+
 def _tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -289,6 +289,7 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
         teacher = None
         if settings.train.kl_weight > 0:
             manifest = {
+                "teacher_format": 2,  # 2: kept ids carry 1 - tail mass
                 "data_sha256": data_hash,
                 "vocab": vocab_print,
                 "members": [[m.name, str(m.model), m.weight] for m in config.members],

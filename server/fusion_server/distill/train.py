@@ -1,10 +1,9 @@
 """The student's training loop: cross-entropy on the data + KL to the fused teacher.
 
-Contract: loss = ce_weight * CE(data) + kl_weight * KL(q || p_student), where q is the
-teacher's renormalised fused top-k at each position (teacher.py) and the student's
-log-probabilities are the full-vocabulary log-softmax taken at q's ids (the usual
-top-k distillation: the student is not renormalised over the k ids, so mass it puts
-elsewhere is penalised through the CE term and the KL's log p terms). AdamW, linear
+Contract: loss = ce_weight * CE(data) + kl_weight * KL(q || p_student) per position,
+both over the teacher's kept ids K plus one tail outcome (teacher.py): q_c for c in K
+and q_tail = 1 - sum q_c; the student's p_c from its full-vocabulary log-softmax and
+p_tail = 1 - sum_{c in K} p_c. AdamW, linear
 warm-up then cosine decay to `min_lr_ratio * lr`, gradient-norm clipping.
 
 Determinism and resume: batch b of step s is a fixed function of (seed, s) (one
@@ -87,8 +86,12 @@ def distill_loss(model, tokens, t_ids, t_lps, settings: TrainSettings):
         return settings.ce_weight * ce if t_ids is not None else ce, ce, torch.zeros(())
     q = torch.exp(t_lps)  # 0 at -inf padding
     safe_t = torch.where(torch.isfinite(t_lps), t_lps, torch.zeros_like(t_lps))
-    student = logp.gather(-1, t_ids)
-    kl = (q * (safe_t - student)).sum(-1).mean()
+    student = logp.gather(-1, t_ids)  # [B, L-1, k]
+    student_in_k = torch.where(torch.isfinite(t_lps), student, torch.full_like(student, -torch.inf))
+    q_tail = (1 - q.sum(-1)).clamp_min(1e-12)
+    p_tail = (-torch.expm1(torch.logsumexp(student_in_k, -1))).clamp_min(1e-12)
+    kl_k = (q * (safe_t - student)).sum(-1)
+    kl = (kl_k + q_tail * (q_tail.log() - p_tail.log())).mean()
     return settings.ce_weight * ce + settings.kl_weight * kl, ce, kl
 
 
