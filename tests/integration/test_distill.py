@@ -135,3 +135,48 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tiny_models, tmp_path, setup,
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_sequence_mode_learns_the_ensembles_own_generations(tiny_models, client, tmp_path):
+    """--mode sequence: the targets are the router's fused greedy generations, exactly
+    what Generate returns for the same prompts on the same members."""
+    prompts = ["def add(a, b):\n", "import os\n", "class Point:\n"]
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"text": p}) + "\n" for p in prompts)
+    )
+    (tmp_path / "train.txt").write_text((STDLIB / "textwrap.py").read_text()[:3000])
+    config = tmp_path / "ensemble.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_models)))
+    result = run_distill(
+        tmp_path,
+        config,
+        "--data",
+        "train.txt",
+        "--mode",
+        "sequence",
+        "--prompts",
+        "prompts.jsonl",
+        "--max-new-tokens",
+        "12",
+        "--student",
+        "alpha",
+        "--kl-weight",
+        "0",
+        "--ce-weight",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        "student",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    cached = (tmp_path / "student.work" / "sequence_targets.txt").read_text()
+    generated = cached.split("\n", 1)[1].split("\0")
+    expected = [p + client.generate(p, max_tokens=12).text for p in prompts]
+    assert generated == expected
+    meta = json.loads((tmp_path / "student" / "fusion_distill.json").read_text())
+    assert meta["mode"] == "sequence" and meta["student"] == "member alpha"
