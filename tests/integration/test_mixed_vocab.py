@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -149,3 +150,60 @@ def test_stop_string_across_candidates(mixed_client, mixed_models, reference, ta
     )
     assert out.finish_reason == fusion_pb2.FINISH_REASON_STOP
     assert out.text == text[: text.index(stop)]
+
+
+# -- Score across vocabularies -----------------------------------------------------------
+SCORE_PROMPT = "def f(x):\n"
+SCORE_TEXT = "    return x  # café 世界 🙂\n"
+
+
+def _member_loglik_transformers(path: pathlib.Path, prompt: str, text: str) -> float:
+    """The member's own log-likelihood of `text` after `prompt` in its own tokenization
+    (prompt with its special tokens, continuation without BOS or dummy prefix)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion_server.feeder import ContinuationEncoder
+    from fusion_server.vocab import byte_table, special_ids
+
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    cont = ContinuationEncoder("m", tok, byte_table(tok), special_ids(tok)).encode(text.encode())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    return float(logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :].sum())
+
+
+def test_score_across_vocabularies_mean_is_the_pool_of_segment_likelihoods(
+    mixed_client, mixed_models
+):
+    names = list(mixed_models)
+    reply = mixed_client.score(SCORE_PROMPT, SCORE_TEXT, policy="mean", token_details=True)
+    own = {m.member: m.logprob for m in reply.members}
+    for name in names:  # every member's own figure equals transformers on its own tokens
+        expected = _member_loglik_transformers(mixed_models[name], SCORE_PROMPT, SCORE_TEXT)
+        assert abs(own[name] - expected) <= 1e-3 * max(1.0, abs(expected)), (
+            name,
+            own[name],
+            expected,
+        )
+    segments = reply.token_details
+    assert "".join(s.text for s in segments) == SCORE_TEXT and len(segments) == reply.tokens
+    for j, name in enumerate(names):  # segments add up to each member's own figure
+        assert abs(sum(s.member_logprobs[j] for s in segments) - own[name]) < 1e-6
+    for s in segments:  # equal weights: log of the mean of the segment probabilities
+        pooled = math.log(sum(math.exp(v) for v in s.member_logprobs) / len(names))
+        assert abs(s.logprob - pooled) < 1e-9
+    assert abs(reply.logprob - sum(s.logprob for s in segments)) < 1e-6
+
+
+@pytest.mark.parametrize("member", ["bpe", "spm", "uni"])
+def test_score_with_all_weight_on_one_member_is_its_own_loglik(mixed_client, mixed_models, member):
+    reply = mixed_client.score(
+        SCORE_PROMPT, SCORE_TEXT, policy="mean", weights=_only(member, mixed_models)
+    )
+    own = {m.member: m.logprob for m in reply.members}
+    assert abs(reply.logprob - own[member]) < 1e-6

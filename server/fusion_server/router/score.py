@@ -24,8 +24,8 @@ packllm where they pool) is exactly log sum_i w_i p_i(x_t), the full-vocabulary 
 pool; a one-member ensemble scores exactly the member's own log-likelihood; ``product``
 is a lower bound of the full-vocabulary product of experts (Hölder); ``max``, ``entropy``,
 ``vote``, ``contrastive`` and ``proxy`` treat the tail as one lumped candidate. Members
-with different vocabularies are refused (``Unsupported``) until cross-vocabulary
-alignment lands; docs/score.md proposes the segmentation.
+with different vocabularies are scored on their common segmentation
+(``_score_segments``; docs/score.md).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fusion.candidates import RESIDUAL_FLOOR, MemberTopK, align_shared
-from ..fusion.policies import Policy, Roles
+from ..fusion.policies import Policy, PolicyError, Roles
 
 
 class Unsupported(RuntimeError):
@@ -163,7 +163,7 @@ def fuse_positions(
 
 
 class Scorer:
-    """Scores continuations on a started shared-vocabulary Ensemble."""
+    """Scores continuations on a started Ensemble (shared ids or byte alignment)."""
 
     def __init__(self, ensemble, top_k: int) -> None:
         self.ensemble = ensemble
@@ -173,16 +173,13 @@ class Scorer:
         self, params: ScoreParams, choice: FusionChoice, prompt_ids: list[int], cont_ids: list[int]
     ) -> ScoreResult:
         ensemble = self.ensemble
-        if getattr(ensemble, "alignment", "shared-ids") != "shared-ids":
-            raise Unsupported(
-                "Score needs members that share one vocabulary for now "
-                "(cross-vocabulary scoring: see docs/score.md)"
-            )
         if not all(hasattr(m, "score") for m in ensemble.members):
             raise Unsupported(
                 "Score needs every member's engine in this process for now "
                 "(not available with endpoint: members or server.member_workers)"
             )
+        if getattr(ensemble, "alignment", "shared-ids") != "shared-ids":
+            return await self._score_segments(params, choice)
         ids = prompt_ids + cont_ids
         start = len(prompt_ids)  # >= 1: position 0 has no log-prob
         outs = await asyncio.gather(
@@ -235,5 +232,111 @@ class Scorer:
                     member_logprobs=[float(v) for v in actual[:, cont][:, j]],
                 )
                 for j, tok in enumerate(targets)
+            ]
+        return result
+
+    async def _score_segments(self, params: ScoreParams, choice: FusionChoice) -> ScoreResult:
+        """Byte alignment: fuse on the members' common segmentation of the continuation.
+
+        Each member scores its own tokenization (its prompt ids, then its continuation
+        encoding of exactly the continuation's bytes: no BOS, no dummy prefix), in one
+        prefill. The common segments end where every member has a token boundary and a
+        character ends; a member's log-prob of a segment is the exact sum of its tokens'
+        log-probs in it.
+        Per segment the policy fuses two outcomes, the segment and a tail (1 - p), with
+        the same code as shared-ids Score: `mean` is exactly log sum_m w_m p_m(segment),
+        and a member with all the weight scores its own log-likelihood. Gate: the
+        primary is confident where its segment probability is >= tau.
+        """
+        from ..feeder import ContinuationEncoder
+
+        ensemble = self.ensemble
+        data = params.continuation.encode("utf-8")
+        prompts = ensemble.encode_members(params.prompt)
+        conts = []
+        for m, v, prompt in zip(ensemble.members, ensemble.vocabs, prompts, strict=True):
+            encoder = v.encoder or ContinuationEncoder(m.name, v.tokenizer, v.table, v.specials)
+            ids = encoder.encode(data)
+            if b"".join(v.table[i] for i in ids) != data:
+                raise Unsupported(
+                    f"member {m.name!r}'s tokenizer cannot spell the continuation exactly"
+                )
+            if not prompt:
+                raise PolicyError(
+                    "prompt", f"must not be empty for member {m.name!r} (its tokenizer adds no BOS)"
+                )
+            if len(prompt) + len(ids) >= m.max_model_len:
+                raise PolicyError(
+                    "continuation",
+                    f"prompt + continuation is {len(prompt) + len(ids)} tokens for member {m.name!r}; "
+                    f"its context fits at most {m.max_model_len - 1}",
+                )
+            conts.append(ids)
+        outs = await asyncio.gather(
+            *(
+                m.score(params.request_id, prompt + cont, 1)
+                for m, prompt, cont in zip(ensemble.members, prompts, conts, strict=True)
+            )
+        )
+        ends: list[np.ndarray] = []  # per member: byte offset where each cont token ends
+        member_lps = []  # per member: log-prob of each cont token
+        for v, prompt, cont, out in zip(ensemble.vocabs, prompts, conts, outs, strict=True):
+            ends.append(np.cumsum([len(v.table[i]) for i in cont]))
+            member_lps.append(out[0][len(prompt) - 1 :])
+        chars = set(np.cumsum([len(ch.encode("utf-8")) for ch in params.continuation]).tolist())
+        # includes len(data); never inside a character, so every segment is whole text
+        common = sorted(chars.intersection(*(set(e.tolist()) for e in ends)))
+        bounds = np.asarray(common)
+        seg = np.stack(
+            [
+                np.bincount(np.searchsorted(bounds, e), weights=lp, minlength=len(bounds))
+                for e, lp in zip(ends, member_lps, strict=True)
+            ]
+        )  # [M, S]
+        weights = choice.weights
+        if choice.policy.needs_prompt_nll:
+            nll = np.array(
+                [
+                    -o[0][: len(p) - 1].mean() if len(p) > 1 else 0.0
+                    for o, p in zip(outs, prompts, strict=True)
+                ]
+            )
+            weights = choice.policy.prompt_weights(nll, weights, choice.params)
+        n_seg = seg.shape[1]
+        fused = fuse_positions(  # each segment as the one candidate every member reports
+            choice,
+            seg,
+            np.zeros((len(conts), n_seg, 1), dtype=np.int64),
+            seg[:, :, None],
+            np.zeros(n_seg, dtype=np.int64),
+            ensemble.vocab_size,
+            weights,
+        )
+        total = float(fused.sum())
+        names = ensemble.member_names
+        result = ScoreResult(
+            request_id=params.request_id,
+            logprob=total,
+            bits_per_byte=bits_per_byte(total, len(data)),
+            num_bytes=len(data),
+            tokens=n_seg,
+            prompt_tokens=max(len(p) for p in prompts),
+            members=[
+                MemberScore(n, float(lp.sum()), bits_per_byte(float(lp.sum()), len(data)), len(c))
+                for n, lp, c in zip(names, member_lps, conts, strict=True)
+            ],
+            weights={n: float(w) for n, w in zip(names, weights, strict=True)},
+            policy=choice.policy.name,
+        )
+        if params.token_details:
+            starts = [0, *common[:-1]]
+            result.details = [
+                ScoredToken(
+                    token_id=-1,  # a common segment, not one vocabulary's token
+                    text=data[a:b].decode("utf-8", errors="replace"),
+                    logprob=float(fused[j]),
+                    member_logprobs=[float(v) for v in seg[:, j]],
+                )
+                for j, (a, b) in enumerate(zip(starts, common, strict=True))
             ]
         return result
