@@ -1,5 +1,5 @@
-"""Production behaviour on a dedicated server: a bounded load test with random
-cancellations, deadlines and overload, then a member engine killed mid-run.
+"""Production behaviour on dedicated servers: a bounded load test with random
+cancellations, deadlines and overload; a member engine killed mid-run.
 
 The server runs with small limits (16 running, 16 queued) so that 64 clients meet
 every admission path: run at once, wait in the queue, RESOURCE_EXHAUSTED.
@@ -28,6 +28,10 @@ LOAD_SECONDS = 24.0
 # Server RSS may not grow by more than this between the first and the last third.
 MEMORY_SLACK_BYTES = 48 * 1024**2
 EXPECTED = {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+# Streams in the kill test ask for this many tokens: generating them takes far longer
+# than the client's lag behind the server (gRPC buffers hundreds of small messages), so
+# the server is certainly still generating when the client has seen a few of them.
+LONG = 1500
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,16 @@ def small_server(tiny_models, tmp_path_factory):
         limits={"max_concurrent_requests": 16, "max_queued_requests": 16},
     )
     with start_server(config, tiny_models, tmp_path_factory.mktemp("small")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_models, tmp_path_factory):
+    """Room for streams that outlive the kill (see LONG)."""
+    config = tiny_config(tiny_models, limits={"max_tokens": LONG})
+    for member in config["members"]:
+        member["engine"]["max_model_len"] = LONG + 64
+    with start_server(config, tiny_models, tmp_path_factory.mktemp("long")) as running:
         yield running
 
 
@@ -96,7 +110,8 @@ def test_load_with_cancellations_and_overload(small_server):
 
     after = small_server.wait_drained()
     leaked = {k: v for k, v in after.items() if k.startswith("fusion_member_engine_requests")}
-    assert leaked and not any(leaked.values()), leaked
+    gauges = {k: v for k, v in after.items() if k.startswith(("fusion_running", "fusion_queued"))}
+    assert leaked and not any(leaked.values()), (leaked, gauges, counts)
     assert after["fusion_running_requests"] == 0
     assert after["fusion_queued_requests"] == 0
     assert not any(v for k, v in after.items() if 'code="INTERNAL"' in k), after
@@ -123,7 +138,7 @@ async def stream_until_error(target: str, prompt: str, started: asyncio.Event, c
     n = 0
     async with AsyncFusionClient(target) as client:
         try:
-            async for _ in client.generate_stream(prompt, max_tokens=400, ignore_eos=True):
+            async for _ in client.generate_stream(prompt, max_tokens=LONG, ignore_eos=True):
                 n += 1
                 counter.append(1)
                 if len(counter) >= 4:
@@ -133,17 +148,17 @@ async def stream_until_error(target: str, prompt: str, started: asyncio.Event, c
         return grpc.StatusCode.OK, n
 
 
-def test_member_engine_killed_mid_run_then_recovers(small_server):
-    with small_server.client() as client:
+def test_member_engine_killed_mid_run_then_recovers(long_server):
+    with long_server.client() as client:
         before = client.generate("def stable():", max_tokens=12, ignore_eos=True).text
-    old_pid = engine_pid(small_server.log.read_text(), "beta")
+    old_pid = engine_pid(long_server.log.read_text(), "beta")
 
     async def scenario():
         started = asyncio.Event()
         counter: list = []
         streams = [
             asyncio.create_task(
-                stream_until_error(small_server.target, f"def s{i}():", started, counter)
+                stream_until_error(long_server.target, f"def s{i}():", started, counter)
             )
             for i in range(4)
         ]
@@ -152,7 +167,7 @@ def test_member_engine_killed_mid_run_then_recovers(small_server):
         killed_after = len(counter)
         results = await asyncio.wait_for(asyncio.gather(*streams), 120)
         codes = ([code for code, _ in results], killed_after, [n for _, n in results])
-        async with AsyncFusionClient(small_server.target) as client:
+        async with AsyncFusionClient(long_server.target) as client:
             seen = set()
             for _ in range(100):  # the watchdog notices within moments
                 seen.add(await client.health())
@@ -175,13 +190,13 @@ def test_member_engine_killed_mid_run_then_recovers(small_server):
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 4, (codes, killed_after, received)
     assert "NOT_SERVING" in seen, seen
     assert during == "UNAVAILABLE"
-    assert small_server.proc.poll() is None  # the server process never restarted
+    assert long_server.proc.poll() is None  # the server process never restarted
 
-    new_pid = engine_pid(small_server.log.read_text(), "beta")
+    new_pid = engine_pid(long_server.log.read_text(), "beta")
     assert new_pid != old_pid and not psutil.pid_exists(old_pid)
-    with small_server.client() as client:
+    with long_server.client() as client:
         assert client.generate("def stable():", max_tokens=12, ignore_eos=True).text == before
-    metrics = small_server.wait_drained()
+    metrics = long_server.wait_drained()
     assert metrics['fusion_member_restarts_total{member="beta"}'] == 1
     assert metrics['fusion_member_restarts_total{member="alpha"}'] == 0
     assert metrics['fusion_member_up{member="beta"}'] == 1

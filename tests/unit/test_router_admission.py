@@ -96,8 +96,15 @@ async def test_slot_granted_to_a_waiter_that_left_goes_to_the_next():
         w3 = asyncio.create_task(router.admit(third))
         await asyncio.sleep(0)
         await collect(first)
-        await router.release(first)  # grants second's slot ...
-        w2.cancel()  # ... but second leaves before it resumes
+        grant = router._grant
+
+        def grant_then_leave():  # second's slot is granted, but second leaves before it resumes
+            grant()
+            router._grant = grant
+            w2.cancel()
+
+        router._grant = grant_then_leave
+        await router.release(first)
         with pytest.raises(asyncio.CancelledError):
             await w2
         await asyncio.wait_for(w3, TIMEOUT)
@@ -168,3 +175,41 @@ async def test_degrade_never_drops_a_role_holder():
         _, err = await collect(request)
         await router.release(request)
     assert isinstance(err, EngineDeadError)
+
+
+async def test_release_finishes_even_when_its_caller_is_cancelled():
+    gate = asyncio.Event()
+    members = held_members(gate)
+    async with router_for(members, max_running=2) as router:
+        request = make_request(router, max_tokens=4)
+        await router.admit(request)
+        releasing = asyncio.create_task(router.release(request))
+        await asyncio.sleep(0)
+        releasing.cancel()  # e.g. a gRPC handler cancelled again while it releases
+        with pytest.raises(asyncio.CancelledError):
+            await releasing
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert all(m.open_count == 0 for m in members)  # sessions closed anyway
+        assert request.id not in router.running
+    gate.set()
+
+
+async def test_a_left_waiter_does_not_block_the_fast_path():
+    gate = asyncio.Event()
+    members = held_members(gate)
+    async with router_for(members, max_running=1, max_queued=2) as router:
+        first, second, third = (make_request(router, max_tokens=2) for _ in range(3))
+        await router.admit(first)
+        waiter = asyncio.create_task(router.admit(second))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        gate.set()
+        await collect(first)
+        await router.release(first)
+        await asyncio.wait_for(router.admit(third), TIMEOUT)  # room, nobody waiting: runs now
+        assert set(router.running) == {third.id}
+        await collect(third)
+        await router.release(third)

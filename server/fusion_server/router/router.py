@@ -66,6 +66,7 @@ class Router:
         self.running: dict[str, FusionRequest] = {}
         self._queue: collections.deque[asyncio.Future] = collections.deque()
         self._granted = 0  # slots handed to queued requests that have not submitted yet
+        self._closing: set[asyncio.Task] = set()  # releases still closing sessions
         # Called when a member's engine fails under a request (the server's watchdog).
         self.on_engine_failure: Callable[[], None] = lambda: None
         self._ready: list[FusionRequest] = []
@@ -110,7 +111,7 @@ class Router:
 
     async def admit(self, request: FusionRequest) -> None:
         """Submit the request now, or after waiting in the bounded queue for a slot."""
-        if not self._queue and self._has_room():
+        if not self.queued and self._has_room():
             self.submit(request)
             return
         if self.queued >= self.max_queued:
@@ -127,6 +128,8 @@ class Router:
             if slot.done() and not slot.cancelled():  # granted meanwhile: pass it on
                 self._granted -= 1
                 self._grant()
+            with contextlib.suppress(ValueError):
+                self._queue.remove(slot)
             self.stats.on_queue(self.queued)
             raise
         self._granted -= 1
@@ -158,16 +161,29 @@ class Router:
         self._feed_each(request, self.alignment.prompts(request))
 
     async def release(self, request: FusionRequest) -> None:
-        """End a request's member sessions (finished, failed, cancelled or timed out)."""
+        """End a request's member sessions (finished, failed, cancelled or timed out).
+
+        The cleanup runs to the end even when our caller is cancelled meanwhile (a gRPC
+        handler can be cancelled again while it releases): the caller gets its
+        CancelledError at once, the sessions are still closed.
+        """
         if self.running.pop(request.id, None) is None:
             return
-        task = request.step_task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # lets a cancellation of our caller through
-        await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
-        self.stats.on_release(request)
-        self._grant()
+        cleanup = asyncio.get_running_loop().create_task(self._close(request))
+        self._closing.add(cleanup)
+        cleanup.add_done_callback(self._closing.discard)
+        await asyncio.shield(cleanup)
+
+    async def _close(self, request: FusionRequest) -> None:
+        try:
+            task = request.step_task
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+            await asyncio.gather(*(s.close() for s in request.sessions), return_exceptions=True)
+        finally:
+            self.stats.on_release(request)
+            self._grant()
 
     def _feed_each(self, request: FusionRequest, ids: list[list[int]]) -> None:
         """Append each member's own ids (byte alignment: they differ), then step."""
