@@ -42,14 +42,26 @@ def run_distill(tmp: pathlib.Path, config: pathlib.Path, *args: str, timeout: fl
     )
 
 
+def write_inputs(tmp: pathlib.Path, models: dict, train: str, heldout: str | None = None):
+    """train.txt (and heldout.txt) and ensemble.yaml for `models` in tmp; the config path."""
+    (tmp / "train.txt").write_text(train)
+    if heldout is not None:
+        (tmp / "heldout.txt").write_text(heldout)
+    config = tmp / "ensemble.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(models)))
+    return config
+
+
 @pytest.fixture(scope="module")
 def distilled(tiny_models, tmp_path_factory):
     """One full run: teacher through the engines, 4 training steps, held-out figures."""
     tmp = tmp_path_factory.mktemp("distill")
-    (tmp / "train.txt").write_text((STDLIB / "textwrap.py").read_text()[:6000])
-    (tmp / "heldout.txt").write_text((STDLIB / "shlex.py").read_text()[:3000])
-    config = tmp / "ensemble.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_models)))
+    config = write_inputs(
+        tmp,
+        tiny_models,
+        (STDLIB / "textwrap.py").read_text()[:6000],
+        (STDLIB / "shlex.py").read_text()[:3000],
+    )
     args = ["--data", "train.txt", "--student", "new:tiny", *TRAIN_ARGS]
     result = run_distill(tmp, config, *args, "--eval-data", "heldout.txt", "--out", "student")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -144,9 +156,7 @@ def test_sequence_mode_learns_the_ensembles_own_generations(tiny_models, client,
     (tmp_path / "prompts.jsonl").write_text(
         "".join(json.dumps({"text": p}) + "\n" for p in prompts)
     )
-    (tmp_path / "train.txt").write_text((STDLIB / "textwrap.py").read_text()[:3000])
-    config = tmp_path / "ensemble.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_models)))
+    config = write_inputs(tmp_path, tiny_models, (STDLIB / "textwrap.py").read_text()[:3000])
     result = run_distill(
         tmp_path,
         config,
@@ -180,3 +190,68 @@ def test_sequence_mode_learns_the_ensembles_own_generations(tiny_models, client,
     assert generated == expected
     meta = json.loads((tmp_path / "student" / "fusion_distill.json").read_text())
     assert meta["mode"] == "sequence" and meta["student"] == "member alpha"
+
+
+def test_cross_vocabulary_distill_to_a_student_of_another_vocabulary(tmp_path):
+    """Three members of three tokenizer kinds, the student the SentencePiece member: the
+    teacher is projected onto the student's ids at every position (crossvocab.py), the
+    held-out figures are on the same text for every row, the export is the student's."""
+    import numpy as np
+
+    from fusion_server.tinyvocab import ensure_mixed_models
+
+    models = ensure_mixed_models()
+    config = write_inputs(
+        tmp_path,
+        models,
+        (STDLIB / "textwrap.py").read_text()[:4000] + "\nnaïve 世界 🙂\n",
+        (STDLIB / "shlex.py").read_text()[:2000],
+    )
+    args = [
+        "--data",
+        "train.txt",
+        "--student",
+        "spm",
+        "--eval-data",
+        "heldout.txt",
+        "--out",
+        "student",
+    ]
+    result = run_distill(tmp_path, config, *args, *TRAIN_ARGS)
+    assert result.returncode == 0, result.stderr[-4000:]
+    meta = json.loads((tmp_path / "student" / "fusion_distill.json").read_text())
+    assert meta["teacher_alignment"] == "student-projection" and meta["student"] == "member spm"
+    assert meta["teacher_coverage"] == 1.0, meta
+    figures = meta["eval"]
+    assert figures["eval_method"] == "pairs"
+    for key in ("student_before_bpb", "student_after_bpb", "ensemble_bpb", "member_uni_bpb"):
+        assert math.isfinite(figures[key]) and figures[key] > 0, figures
+    shard = np.load(tmp_path / "student.work" / "teacher" / "shard-00000.npz")
+    probs = np.exp(shard["logprobs"])
+    assert (probs.sum(-1) <= 1 + 1e-5).all() and (probs.sum(-1) > 0).all()
+    student_vocab = json.loads((models["spm"] / "config.json").read_text())["vocab_size"]
+    assert shard["ids"].max() < student_vocab
+    tok = json.loads((tmp_path / "student" / "tokenizer.json").read_text())
+    assert tok["model"] == json.loads((models["spm"] / "tokenizer.json").read_text())["model"]
+
+
+def test_student_vocabulary_with_no_alignment_possible_is_refused(tiny_models, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(
+        ["some other words entirely"] * 5,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]),
+    )
+    student = tmp_path / "words-student"
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(student)
+    LlamaConfig(vocab_size=60, hidden_size=32, num_attention_heads=1).save_pretrained(student)
+    config = write_inputs(tmp_path, tiny_models, "x = 1\n" * 50)
+    args = ["--data", "train.txt", "--student", str(student), "--out", "out"]
+    result = run_distill(tmp_path, config, *args, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no alignment possible" in result.stderr and "256 byte values" in result.stderr
+    assert "starting the ensemble" not in result.stdout  # refused before any engine
+    assert not (tmp_path / "out").exists()

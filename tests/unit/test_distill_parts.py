@@ -14,7 +14,7 @@ import torch
 from fusion_server.config import EnsembleConfig, FusionConfig, MemberConfig
 from fusion_server.distill.data import DistillError, load_documents, pack
 from fusion_server.distill.export import METADATA, export_student
-from fusion_server.distill.run import resolve_student, teacher_choice
+from fusion_server.distill.run import load_student, student_vocab, teacher_choice
 from fusion_server.distill.teacher import TeacherCache, fused_topk
 from fusion_server.distill.train import TrainSettings, batch_rows, lr_factor, train
 
@@ -239,29 +239,21 @@ def test_export_is_atomic_and_failures_leave_nothing(tmp_path, monkeypatch):
         export_student(model, _Tok(), tmp_path / "other", {})
 
 
-def test_student_with_another_vocabulary_is_refused(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+def test_student_resolution(tmp_path):
     from fusion_server.demo import ensure_demo_models
+    from fusion_server.router.ensemble import Ensemble
 
     paths = ensure_demo_models()
-    ensemble_tok = AutoTokenizer.from_pretrained(paths["alpha"])
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.train_from_iterator(
-        ["some other words entirely"] * 5,
-        trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]),
-    )
-    other = tmp_path / "other"
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(other)
-    _tiny_llama().save_pretrained(other)
     config = EnsembleConfig(members=[MemberConfig(name=n, model=str(p)) for n, p in paths.items()])
-    with pytest.raises(DistillError, match="different vocabulary"):
-        resolve_student(str(other), config, ensemble_tok, 32, 0)
-    model, desc = resolve_student("alpha", config, ensemble_tok, 32, 0)  # a member: same vocabulary
-    assert desc == "member alpha" and model.config.vocab_size >= len(ensemble_tok)
+    vocabs = Ensemble.load_vocabs(config)
+    path, vocab = student_vocab("alpha", config, vocabs)
+    assert path == str(paths["alpha"]) and vocab is vocabs[0]
+    model, desc = load_student("alpha", path, vocab.tokenizer, 32, 0)
+    assert desc == "member alpha" and model.config.vocab_size >= len(vocab.tokenizer)
+    assert student_vocab("new:tiny", config, vocabs) == (None, vocabs[0])
     with pytest.raises(DistillError, match="neither a member"):
-        resolve_student(str(tmp_path / "nowhere"), config, ensemble_tok, 32, 0)
+        student_vocab(str(tmp_path / "nowhere"), config, vocabs)
     with pytest.raises(DistillError, match="new:tiny"):
-        resolve_student("new:huge", config, ensemble_tok, 32, 0)
+        load_student("new:huge", None, vocab.tokenizer, 32, 0)
+    with pytest.raises(DistillError, match="multiple of 32"):
+        load_student("new:100x2", None, vocab.tokenizer, 32, 0)

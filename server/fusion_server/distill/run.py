@@ -1,23 +1,32 @@
 """`fusion distill`: data -> teacher signal -> trained student -> export.
 
 Order of work (nothing heavy starts before every input is checked): load the ensemble
-config, read and hash the data, load the ensemble's shared tokenizer (members with
-different vocabularies are refused), resolve the
-student and check that its vocabulary is the ensemble's (a student with another
-vocabulary is refused: the teacher signal lives in the ensemble's ids and no alignment
-to another vocabulary is implemented), tokenize and pack. Only then start the member
+config, read and hash the data, load every member's tokenizer, resolve the student's
+vocabulary; when it is not every member's, check that alignment is possible (fast
+tokenizers, a student that can spell every byte; crossvocab.py) and otherwise refuse;
+tokenize the data with the student's tokenizer and pack it. Only then start the member
 engines, and only if some teacher shard is missing or held-out figures for the
 ensemble are asked for. Training resumes from `work_dir` when a checkpoint is there;
 the export is atomic (export.py).
+
+Teacher: shared vocabulary -> teacher.py (the members' ids are the student's);
+otherwise crossvocab.py (members fed the student's text as Generate feeds them, their
+top-k projected onto the student's ids, then fused the same way).
+
+Held-out figures: shared vocabulary -> windows of seq_len + 1 student tokens, every
+model scored on the same ids. Otherwise -> (prompt, continuation) pairs of whole lines
+(`eval_pairs`), the ensemble and its members through Score (common segmentation),
+the student on its own tokenization of the same text; bits per byte of the same
+continuation bytes for every row.
 
 Sequence-level mode (`--mode sequence`): the ensemble first generates a continuation
 for every prompt through the real router (fused decoding, `--max-new-tokens`); the
 prompt + generated text become the training documents (KL to the fused teacher still
 applies when kl_weight > 0).
 
-Student: a member's name (start from that member's weights), a Hugging Face directory,
-or `new:tiny` / `new:small` / `new:<hidden>x<layers>` (a fresh Llama with the
-ensemble's tokenizer).
+Student: a member's name (start from that member's weights and vocabulary), a Hugging
+Face directory, or `new:tiny` / `new:small` / `new:<hidden>x<layers>` (a fresh Llama
+with the first member's tokenizer).
 """
 
 from __future__ import annotations
@@ -34,10 +43,10 @@ import numpy as np
 
 from ..config import EnsembleConfig
 from ..fusion.policies import normalize_weights, resolve_policy
-from ..vocab import byte_table, fingerprint, special_ids
+from .crossvocab import CrossVocabTeacher, encoder_of
 from .data import Dataset, DistillError, load_documents, pack
 from .export import export_student
-from .teacher import TeacherCache, TeacherChoice, fill_cache
+from .teacher import TeacherCache, TeacherChoice, fill_cache, shared_row_teacher
 from .train import TrainSettings, progress_bar, train, window_logprobs
 
 log = logging.getLogger(__name__)
@@ -82,60 +91,60 @@ def teacher_choice(config: EnsembleConfig) -> TeacherChoice:
     )
 
 
-def resolve_student(spec: str, config: EnsembleConfig, tokenizer, seq_len: int, seed: int):
-    """(model, description) for --student."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    members = {m.name: m.model for m in config.members}
+def student_vocab(spec: str, config: EnsembleConfig, vocabs: list) -> tuple[str | None, object]:
+    """(model dir or None for new:<size>, vocabulary) of --student; loads no weights."""
+    names = [m.name for m in config.members]
     if spec.startswith("new:"):
-        size = spec[4:]
-        m = re.fullmatch(r"(\d+)x(\d+)", size)
-        if size in NEW_SIZES:
-            hidden, layers = NEW_SIZES[size]
-        elif m:
-            hidden, layers = int(m.group(1)), int(m.group(2))
-        else:
-            raise DistillError(
-                f"--student: {spec!r}: use new:tiny, new:small or new:<hidden>x<layers>"
-            )
-        if hidden % 32:
-            raise DistillError(f"--student: hidden size {hidden} must be a multiple of 32")
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 32,  # head_dim 32 (vLLM CPU attention accepts it)
-            num_key_value_heads=max(hidden // 64, 1),
-            max_position_embeddings=max(2048, seq_len + 1),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(cfg).float(), f"new Llama {hidden}x{layers}"
-    path = members.get(spec, spec)
-    if not pathlib.Path(path, "config.json").exists():
+        return None, vocabs[0]  # a fresh model speaks the first member's vocabulary
+    if spec in names:
+        i = names.index(spec)
+        return str(config.members[i].model), vocabs[i]
+    if not pathlib.Path(spec, "config.json").exists():
         raise DistillError(
-            f"--student: {spec!r} is neither a member ({', '.join(members)}), "
+            f"--student: {spec!r} is neither a member ({', '.join(names)}), "
             "a Hugging Face model directory, nor new:<size>"
         )
+    from ..router.ensemble import load_vocab
+
     try:
-        student_tok = AutoTokenizer.from_pretrained(path)
+        return spec, load_vocab(spec)
     except Exception as err:
-        raise DistillError(f"--student: cannot load a tokenizer from {path}: {err}") from None
-    ours = fingerprint(byte_table(tokenizer), special_ids(tokenizer))
-    theirs = fingerprint(byte_table(student_tok), special_ids(student_tok))
-    if ours != theirs:
-        raise DistillError(
-            f"--student: {path} has a different vocabulary ({len(student_tok)} tokens) than the "
-            f"ensemble ({len(tokenizer)} tokens); the teacher signal is in the ensemble's ids "
-            "and no alignment to another vocabulary is available"
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return model, f"{'member ' + spec if spec in members else path}"
+        raise DistillError(f"--student: cannot load a tokenizer from {spec}: {err}") from None
+
+
+def load_student(spec: str, path: str | None, tokenizer, seq_len: int, seed: int):
+    """(model, description) for --student (student_vocab resolved it to path)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if path is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        return model, (path if spec == path else f"member {spec}")
+    size = spec[4:]
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if size in NEW_SIZES:
+        hidden, layers = NEW_SIZES[size]
+    elif m:
+        hidden, layers = int(m.group(1)), int(m.group(2))
+    else:
+        raise DistillError(f"--student: {spec!r}: use new:tiny, new:small or new:<hidden>x<layers>")
+    if hidden % 32:
+        raise DistillError(f"--student: hidden size {hidden} must be a multiple of 32")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,  # head_dim 32 (vLLM CPU attention accepts it)
+        num_key_value_heads=max(hidden // 64, 1),
+        max_position_embeddings=max(2048, seq_len + 1),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).float(), f"new Llama {hidden}x{layers}"
 
 
 def tokenize(tokenizer, docs: list[str]) -> list[list[int]]:
@@ -172,6 +181,63 @@ async def _ensemble_window_logprobs(members, choice, windows, vocab_size, top_k)
     return np.stack(out)
 
 
+def eval_pairs(docs: list[str], max_chars: int) -> list[tuple[str, str]]:
+    """Held-out (prompt, continuation) pairs when vocabularies differ: each document in
+    chunks of whole lines (up to max_chars, longer lines cut); a chunk's first line is
+    the prompt, the rest the scored continuation (chunks of one line are skipped)."""
+    pairs = []
+    for doc in docs:
+        lines = []
+        for line in doc.splitlines(keepends=True):
+            lines += [line[i : i + max_chars] for i in range(0, len(line), max_chars)]
+        chunk: list[str] = []
+        for line in [*lines, None]:
+            if line is None or (chunk and sum(map(len, chunk)) + len(line) > max_chars):
+                if len(chunk) > 1 and "".join(chunk[1:]).strip():
+                    pairs.append((chunk[0], "".join(chunk[1:])))
+                chunk = []
+            if line is not None:
+                chunk.append(line)
+    if not pairs:
+        raise DistillError("--eval-data: too little text to evaluate (no two-line chunk)")
+    return pairs
+
+
+def pair_logprobs(model, vocab, encoder, pairs, device: str = "cpu") -> np.ndarray:
+    """log p(continuation | prompt) per pair, the way Score scores a member: prompt by
+    the tokenizer (with BOS), continuation by the continuation encoder."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for prompt, cont in pairs:
+            head = list(vocab.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            tail = encoder.encode(cont.encode())
+            ids = torch.as_tensor([head + tail], dtype=torch.long, device=device)
+            logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), dim=-1)
+            got = logp[0, len(head) - 1 :].gather(-1, ids[0, len(head) :, None])
+            out.append(float(got.sum()))
+    return np.asarray(out)
+
+
+async def _ensemble_pair_scores(ensemble, choice, pairs, top_k: int) -> list:
+    """The ensemble's Score of each pair (shared ids or common segmentation)."""
+    from ..router.score import FusionChoice, ScoreParams, Scorer
+
+    scorer = Scorer(ensemble, top_k)
+    fusion = FusionChoice(choice.policy, choice.params, choice.weights, choice.roles)
+    results = []
+    for i, (prompt, cont) in enumerate(pairs):
+        params = ScoreParams(request_id=f"eval-{i}", prompt=prompt, continuation=cont)
+        results.append(
+            await scorer.score(
+                params, fusion, ensemble.encode(prompt), ensemble.encode_continuation(cont)
+            )
+        )
+    return results
+
+
 async def _generate(ensemble, config: EnsembleConfig, prompts: list[str], max_new: int, seed: int):
     """Sequence-level targets: fused greedy decoding through the real router."""
     from ..router.request import FusionRequest, GenerateParams
@@ -186,18 +252,19 @@ async def _generate(ensemble, config: EnsembleConfig, prompts: list[str], max_ne
         params = GenerateParams(
             request_id=f"distill-gen-{i}", prompt=prompt, max_tokens=max_new, seed=seed + i
         )
-        ids = ensemble.encode(prompt)
-        room = ensemble.max_model_len - len(ids)
+        prompts_ids = ensemble.encode_members(prompt)  # per member, its own ids
+        room = ensemble.max_model_len - max(map(len, prompts_ids))
         if room < 1:
             raise DistillError(f"--prompts: prompt {i} does not fit the members' context")
         request = FusionRequest(
             params,
-            ids,
+            prompts_ids[0],
             router.policy(config.fusion.policy),
             choice.params,
             choice.weights,
             max_tokens=min(max_new, room),
             roles=choice.roles,
+            member_prompt_ids=prompts_ids,
         )
         async with limit:
             router.submit(request)
@@ -238,20 +305,20 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
             "--config: distill runs the members' engines itself; endpoint: members and "
             "server.member_workers are not supported"
         )
-    if len({v.fingerprint for v in vocabs}) != 1:
-        raise DistillError(
-            "--config: the members' vocabularies differ; the teacher signal is computed in "
-            "one shared vocabulary (cross-vocabulary distillation is not implemented)"
-        )
-    tokenizer, table, vocab_print = vocabs[0].tokenizer, vocabs[0].table, vocabs[0].fingerprint
-    model, student_desc = resolve_student(
-        settings.student, config, tokenizer, settings.seq_len, settings.train.seed
+    path, svocab = student_vocab(settings.student, config, vocabs)
+    tokenizer, table, vocab_print = svocab.tokenizer, svocab.table, svocab.fingerprint
+    choice = teacher_choice(config)
+    shared = all(v.fingerprint == vocab_print for v in vocabs)
+    cross = None
+    if not shared:  # checks that alignment is possible before anything heavy
+        cross = CrossVocabTeacher([m.name for m in config.members], vocabs, svocab, choice)
+    model, student_desc = load_student(
+        settings.student, path, tokenizer, settings.seq_len, settings.train.seed
     )
     if model.config.vocab_size < len(tokenizer):
         raise DistillError(
             f"--student: embedding has {model.config.vocab_size} rows, the vocabulary {len(tokenizer)}"
         )
-    choice = teacher_choice(config)
     out = pathlib.Path(settings.out)
     work = pathlib.Path(settings.work_dir or out.with_name(out.name + ".work"))
     work.mkdir(parents=True, exist_ok=True)
@@ -287,11 +354,13 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
         rows = np.asarray(pack(tokenize(tokenizer, docs), settings.seq_len + 1), dtype=np.int64)
 
         teacher = None
+        coverage = None
         if settings.train.kl_weight > 0:
             manifest = {
-                "teacher_format": 2,  # 2: kept ids carry 1 - tail mass
+                "teacher_format": 3 if cross else 2,  # 2: kept ids carry 1 - tail mass
                 "data_sha256": data_hash,
                 "vocab": vocab_print,
+                "alignment": "student-projection" if cross else "shared-ids",
                 "members": [[m.name, str(m.model), m.weight] for m in config.members],
                 "policy": config.fusion.policy,
                 "params": config.fusion.params,
@@ -301,24 +370,26 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
             }
             cache = TeacherCache(work / "teacher", manifest, len(rows), rows_per_shard=64)
             if cache.missing():
-                members = (await engines()).members
+                ens = await engines()
+                row_list = [list(map(int, r)) for r in rows]
+                if cross is not None:
+                    max_len = [m.max_model_len for m in ens.members]
+                    row_teacher = cross.row_teacher(row_list, ens.members, settings.top_k, max_len)
+                else:
+                    row_teacher = shared_row_teacher(
+                        row_list, ens.members, choice, ens.vocab_size, settings.top_k
+                    )
                 bar = progress_bar(len(rows), "teacher", "row", enabled=settings.progress)
-                await fill_cache(
-                    cache,
-                    [list(map(int, r)) for r in rows],
-                    members,
-                    choice,
-                    (await engines()).vocab_size,
-                    settings.top_k,
-                    bar,
-                )
+                await fill_cache(cache, row_teacher, bar)
                 if bar is not None:
                     bar.close()
             teacher = cache.load()
+            coverage = float(np.isfinite(teacher[1][:, :, 0]).mean())
+            print(f"distill: teacher at {coverage:.1%} of the student's positions", flush=True)
 
         figures: dict = {}
-        windows = None
-        if eval_docs is not None:
+        windows = pairs = None
+        if eval_docs is not None and cross is None:
             windows = windows_of(tokenize(tokenizer, eval_docs), settings.seq_len)
             n_bytes = scored_bytes(windows, table)
             figures["eval_bytes"] = n_bytes
@@ -331,11 +402,26 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
             )
             figures["ensemble_bpb"] = _bpb(lps, n_bytes)
             for m in config.members:
-                member_model, _ = resolve_student(m.name, config, tokenizer, settings.seq_len, 0)
+                member_model, _ = load_student(m.name, str(m.model), tokenizer, settings.seq_len, 0)
                 figures[f"member_{m.name}_bpb"] = _bpb(
                     window_logprobs(member_model, windows), n_bytes
                 )
                 del member_model
+        elif eval_docs is not None:
+            pairs = eval_pairs(eval_docs, 2 * settings.seq_len)
+            n_bytes = sum(len(c.encode()) for _, c in pairs)
+            figures["eval_bytes"] = n_bytes
+            figures["eval_method"] = "pairs"
+            encoder = encoder_of("--student", svocab)
+            figures["student_before_bpb"] = _bpb(
+                pair_logprobs(model, svocab, encoder, pairs, settings.device), n_bytes
+            )
+            ens = await engines()
+            scored = await _ensemble_pair_scores(ens, choice, pairs, settings.top_k)
+            figures["ensemble_bpb"] = _bpb(np.array([r.logprob for r in scored]), n_bytes)
+            for i, m in enumerate(config.members):
+                lps = np.array([r.members[i].logprob for r in scored])
+                figures[f"member_{m.name}_bpb"] = _bpb(lps, n_bytes)
         if ensemble is not None:  # the engines are not needed for training
             ensemble.shutdown()
             ensemble = None
@@ -352,6 +438,10 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
         if windows is not None:
             figures["student_after_bpb"] = _bpb(
                 window_logprobs(model, windows, settings.device), figures["eval_bytes"]
+            )
+        if pairs is not None:
+            figures["student_after_bpb"] = _bpb(
+                pair_logprobs(model, svocab, encoder, pairs, settings.device), figures["eval_bytes"]
             )
         metadata = {
             "format": "fusion-serve/distill/v1",
@@ -371,6 +461,10 @@ async def _run(settings: DistillSettings, config: EnsembleConfig) -> dict:
             "rows": len(rows),
             "seq_len": settings.seq_len,
             "teacher_top_k": settings.top_k if teacher is not None else 0,
+            "teacher_alignment": None
+            if teacher is None
+            else ("student-projection" if cross else "shared-ids"),
+            "teacher_coverage": coverage,
             "train": asdict(settings.train),
             "steps": result.step,
             "final_loss": result.losses[-1] if result.losses else None,

@@ -73,15 +73,36 @@ def fused_topk(
         [MemberTopK(ids=top_ids[m, t], logprobs=top_logprobs[m, t]) for m in range(n_mem)]
         for t in range(n_pos)
     ]
+    weights = choice.weights
+    if choice.policy.needs_prompt_nll:
+        weights = choice.policy.prompt_weights(-actual.mean(axis=1), weights, choice.params)
+    confident = None
+    if choice.policy.gated:
+        (primary,) = choice.roles["primary"]
+        confident = choice.policy.confident(top_logprobs[primary], [choice.params] * n_pos)
+    return fuse_tops(choice, weights, tops, confident, vocab_size, k)
+
+
+def fuse_tops(
+    choice: TeacherChoice,
+    weights: np.ndarray,
+    tops: list[list[MemberTopK]],
+    confident: np.ndarray | None,
+    vocab_size: int,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """fused_topk's fusion of per-position member top-k lists (tops[t][m]).
+
+    weights: [M] the members' weights (packllm: already from the row's NLL);
+    confident: [N] bool where a gated policy's primary decides alone (its row stands
+    for every member), None for other policies.
+    """
+    n_pos = len(tops)
     batch = align_shared(tops, vocab_size)
     logprobs = batch.logprobs.copy()  # [N, M, C]
     policy = choice.policy
-    weights = choice.weights
-    if policy.needs_prompt_nll:
-        weights = policy.prompt_weights(-actual.mean(axis=1), weights, choice.params)
-    if policy.gated:
+    if confident is not None:
         (primary,) = choice.roles["primary"]
-        confident = policy.confident(top_logprobs[primary], [choice.params] * n_pos)
         logprobs[confident] = logprobs[confident, primary][:, None, :]
     args: tuple[Any, ...] = (
         logprobs,
@@ -93,12 +114,18 @@ def fused_topk(
         args += ([choice.roles] * n_pos,)
     fused = np.where(batch.mask, policy.fuse(*args), -np.inf)  # [N, C]
     kk = min(k, fused.shape[1])
+    if kk == 0:  # no member reported anything the student can be taught
+        return np.zeros((n_pos, k), dtype=np.int64), np.full((n_pos, k), -np.inf)
     order = np.argsort(-fused, axis=1, kind="stable")[:, :kk]  # [N, kk]
     rows = np.arange(n_pos)[:, None]
     ids = np.where(batch.mask[rows, order], batch.ids[rows, order], 0)
     lps = fused[rows, order]
     top = lps.max(axis=1, keepdims=True)
-    lps = lps - top - np.log(np.exp(lps - top).sum(axis=1, keepdims=True))  # over K
+    empty = ~np.isfinite(top)  # [N, 1] a position with no candidate: no teacher there
+    top = np.where(empty, 0.0, top)
+    with np.errstate(divide="ignore"):
+        lps = lps - top - np.log(np.exp(lps - top).sum(axis=1, keepdims=True))  # over K
+    lps = np.where(empty, -np.inf, lps)
     member_kept = np.exp(
         np.take_along_axis(batch.logprobs, order[:, None, :], axis=2)
     )  # [N, M, kk]
@@ -161,37 +188,37 @@ class TeacherCache:
         )
 
 
-async def fill_cache(
-    cache: TeacherCache,
-    rows: list[list[int]],
-    members: list,
-    choice: TeacherChoice,
-    vocab_size: int,
-    top_k: int,
-    progress=None,
-) -> None:
-    """Compute every missing shard with the started `members` (concurrently per row)."""
+async def fill_cache(cache: TeacherCache, row_teacher, progress=None) -> None:
+    """Compute every missing shard; ``row_teacher(r)`` -> (ids, logprobs) of row r.
+
+    Rows of a shard run concurrently (the engines batch them)."""
     for i in cache.missing():
         ids, lps = [], []
-
-        async def one(r: int):
-            outs = await asyncio.gather(*(m.score(f"distill-{r}", rows[r], top_k) for m in members))
-            actual = np.stack([o[0] for o in outs])
-            return fused_topk(
-                choice,
-                actual,
-                np.stack([o[1] for o in outs]),
-                np.stack([o[2] for o in outs]),
-                vocab_size,
-                top_k,
-            )
-
-        for row_ids, row_lps in await asyncio.gather(*(one(r) for r in cache.rows_of(i))):
+        for row_ids, row_lps in await asyncio.gather(*(row_teacher(r) for r in cache.rows_of(i))):
             ids.append(row_ids)
             lps.append(row_lps)
             if progress is not None:
                 progress.update(1)
         cache.save(i, np.stack(ids), np.stack(lps))
+
+
+def shared_row_teacher(
+    rows: list[list[int]], members: list, choice: TeacherChoice, vocab_size, top_k
+):
+    """Row teacher when every member shares the student's vocabulary."""
+
+    async def one(r: int):
+        outs = await asyncio.gather(*(m.score(f"distill-{r}", rows[r], top_k) for m in members))
+        return fused_topk(
+            choice,
+            np.stack([o[0] for o in outs]),
+            np.stack([o[1] for o in outs]),
+            np.stack([o[2] for o in outs]),
+            vocab_size,
+            top_k,
+        )
+
+    return one
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:

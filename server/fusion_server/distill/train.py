@@ -3,7 +3,8 @@
 Contract: loss = ce_weight * CE(data) + kl_weight * KL(q || p_student) per position,
 both over the teacher's kept ids K plus one tail outcome (teacher.py): q_c for c in K
 and q_tail = 1 - sum q_c; the student's p_c from its full-vocabulary log-softmax and
-p_tail = 1 - sum_{c in K} p_c. AdamW, linear
+p_tail = 1 - sum_{c in K} p_c. KL is averaged over the positions that have a teacher
+(a row of -inf log-probs has none; crossvocab.py); CE over every position. AdamW, linear
 warm-up then cosine decay to `min_lr_ratio * lr`, gradient-norm clipping.
 
 Determinism and resume: batch b of step s is a fixed function of (seed, s) (one
@@ -84,14 +85,19 @@ def distill_loss(model, tokens, t_ids, t_lps, settings: TrainSettings):
     ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean()
     if t_ids is None or settings.kl_weight == 0:
         return settings.ce_weight * ce if t_ids is not None else ce, ce, torch.zeros(())
+    finite = torch.isfinite(t_lps)  # [B, L-1, k]
+    has = finite.any(-1)  # [B, L-1] positions with a teacher (crossvocab may leave some out)
     q = torch.exp(t_lps)  # 0 at -inf padding
-    safe_t = torch.where(torch.isfinite(t_lps), t_lps, torch.zeros_like(t_lps))
+    safe_t = torch.where(finite, t_lps, torch.zeros_like(t_lps))
     student = logp.gather(-1, t_ids)  # [B, L-1, k]
-    student_in_k = torch.where(torch.isfinite(t_lps), student, torch.full_like(student, -torch.inf))
+    student_in_k = torch.where(finite, student, torch.full_like(student, -torch.inf))
+    # a position without teacher gets a finite dummy row (no NaN gradient) and KL 0
+    student_in_k = torch.where(has[..., None], student_in_k, torch.zeros_like(student_in_k))
     q_tail = (1 - q.sum(-1)).clamp_min(1e-12)
     p_tail = (-torch.expm1(torch.logsumexp(student_in_k, -1))).clamp_min(1e-12)
     kl_k = (q * (safe_t - student)).sum(-1)
-    kl = (kl_k + q_tail * (q_tail.log() - p_tail.log())).mean()
+    kl_pos = torch.where(has, kl_k + q_tail * (q_tail.log() - p_tail.log()), 0.0)
+    kl = kl_pos.sum() / has.sum().clamp_min(1)
     return settings.ce_weight * ce + settings.kl_weight * kl, ce, kl
 
 
