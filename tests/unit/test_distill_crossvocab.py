@@ -58,12 +58,12 @@ class FakeMember:
         return np.array(actual), np.array(top_ids), np.array(top_lps)
 
 
-def _setup(vocabs, names, weights, student="spm", policy="mean"):
+def _setup(vocabs, names, weights, student="spm", policy="mean", roles=None, params=None):
     config = EnsembleConfig(
         members=[
             MemberConfig(name=n, model="/x", weight=w) for n, w in zip(names, weights, strict=True)
         ],
-        fusion=FusionConfig(policy=policy),
+        fusion=FusionConfig(policy=policy, roles=roles or {}, params=params or {}),
     )
     choice = teacher_choice(config)
     teacher = CrossVocabTeacher(names, [vocabs[n] for n in names], vocabs[student], choice)
@@ -180,3 +180,28 @@ def test_alignment_is_refused_for_a_student_that_cannot_spell_every_byte(vocabs)
     vocabs = {**vocabs, "words": load_member_vocab(PreTrainedTokenizerFast(tokenizer_object=raw))}
     with pytest.raises(DistillError, match="no alignment possible.*256 byte values"):
         _setup(vocabs, ["spm", "bpe"], [0.5, 0.5], student="words")
+
+
+@pytest.mark.parametrize(
+    "policy, roles, params",
+    [
+        ("product", {}, {}),
+        ("packllm", {}, {}),
+        ("gate", {"bpe": "primary"}, {"tau": 0.3}),
+        ("gate", {"bpe": "primary"}, {"tau": 0.0}),
+    ],
+)
+def test_other_policies_teach_at_every_position_within_one(vocabs, policy, roles, params):
+    names = ["spm", "uni", "bpe"]
+    _, teacher, members = _setup(vocabs, names, [1.0] * 3, "spm", policy, roles, params)
+    row = _row(vocabs)
+    ids, lps = asyncio.run(teacher.row_teacher([row], members, K, [10_000] * 3)(0))
+    assert np.isfinite(lps[:, 0]).all()
+    assert (np.exp(lps).sum(axis=1) <= 1 + 1e-9).all()
+    assert ids.max() < len(vocabs["spm"].table)
+    if params.get("tau") == 0.0:  # the primary (another vocabulary) always decides alone
+        fed = teacher.feed(2, row)
+        for t in range(len(row) - 1):
+            d = members[2].dist(fed.ids[: fed.index[t] + 1])
+            top = teacher.project(2, int(np.argsort(-d, kind="stable")[0]), fed.held[t])
+            assert top < 0 or top in ids[t].tolist()
