@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 
 DEMO_VERSION = "tiny-v1"
-TRAINED_VERSION = "trained-v1"
+TRAINED_VERSION = "trained-v2"
 # Standard-library modules the tokenizer is trained on (present in every CPython).
 CORPUS_MODULES = (
     "argparse.py",
